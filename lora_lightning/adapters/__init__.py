@@ -1,0 +1,50 @@
+"""Adapter layers (pure torch) and the registry of methods ``AdapterConfig(method=...)`` selects.
+
+A method is a layer class plus a default scaling rule. Adding one is a file with its layer and a
+``register_method`` call here, the way timm registers models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
+from .lora import SCALING_RULES, LoRALayer, scaling_for
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    """What ``method=<name>`` builds: the layer class, its default scaling rule, and its paper."""
+
+    layer: type[AdapterLayer]
+    scaling: str
+    paper: str
+    forces_no_dropout: bool = False
+
+
+ADAPTER_METHODS: dict[str, AdapterMethod] = {}
+
+
+def register_method(name: str, method: AdapterMethod) -> None:
+    ADAPTER_METHODS[name] = method
+
+
+register_method("lora", AdapterMethod(LoRALayer, "lora", "Hu et al. 2021, arXiv 2106.09685"))
+register_method("rslora", AdapterMethod(LoRALayer, "rslora", "Kalajdzievski 2023, arXiv 2312.03732"))
+register_method("lora_alpha", AdapterMethod(LoRALayer, "lora_alpha", "LoRA-α, arXiv 2606.12883"))
+register_method(
+    "allora", AdapterMethod(LoRALayer, "none", "Huang & Balestriero 2024, arXiv 2410.09692", forces_no_dropout=True)
+)
+
+__all__ = [
+    "ADAPTER_METHODS",
+    "SCALING_RULES",
+    "SUPPORTED_BASE_TYPES",
+    "AdapterLayer",
+    "AdapterMethod",
+    "LoRALayer",
+    "base_kind",
+    "base_shape",
+    "register_method",
+    "scaling_for",
+]

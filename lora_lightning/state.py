@@ -1,0 +1,91 @@
+"""Adapter files: safetensors weights + a JSON config. Loading never unpickles. Pure torch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import AdapterConfig
+from .inject import adapter_layers, inject_adapters, injected_config
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "lora_lightning"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Adapter tensors (every layer's parameters and buffers except its frozen base) and the full
+    tensors of ``modules_to_save``, keyed by their names in ``model``."""
+    config = injected_config(model)
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        state.update({f"{name}.{k}": v for k, v in layer.adapter_state_dict().items()})
+    for name in config.modules_to_save:
+        state.update({f"{name}.{k}": v for k, v in model.get_submodule(name).state_dict().items()})
+    return state
+
+
+def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (method, r, alpha, the
+    scaling rule and the effective scale, exact target names). Returns the directory."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+    meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    return path
+
+
+def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
+    """The AdapterConfig saved in an adapter directory."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: save_adapter(model, {str(path)!r}) writes it")
+    meta = json.loads(file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{file} is not a lora_lightning adapter config (format={meta.get('format')!r})")
+    return AdapterConfig.from_dict(meta["adapter"])
+
+
+def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False) -> nn.Module:
+    """Load an adapter saved by ``save_adapter`` into ``model``: injects it first into a bare base model,
+    then copies every tensor. Keys and shapes must fit exactly; a mismatch names the offending tensors."""
+    config = read_adapter_config(path)
+    if not adapter_layers(model):
+        inject_adapters(model, config, verbose=verbose)
+    else:
+        have = injected_config(model)
+        if (have.method, have.r, have.scaling_rule) != (config.method, config.r, config.scaling_rule):
+            raise ValueError(
+                f"model has {have.method} adapters (r={have.r}, scaling={have.scaling_rule}) but {path} holds "
+                f"{config.method} (r={config.r}, scaling={config.scaling_rule}); load into a fresh base model"
+            )
+    loaded = load_file(str(Path(path) / WEIGHTS_NAME))
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(loaded))
+    unexpected = sorted(set(loaded) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(loaded[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(loaded) & set(expected))
+        if loaded[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing from file", missing), ("not in model", unexpected), ("shape mismatch", wrong)):
+            if items:
+                more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
+                parts.append(f"{label}: {', '.join(items[:5])}{more}")
+        raise ValueError(
+            f"adapter {path} does not fit this model ({'; '.join(parts)}); "
+            "load it into the same base architecture it was trained on"
+        )
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(loaded[k])
+    return model
