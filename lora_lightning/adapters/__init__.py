@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
+from .dora import DoRALayer
 from .lora import SCALING_RULES, LoRALayer, scaling_for
+from .sds import SDSLayer, export_as_lora
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ register_method("lora_alpha", AdapterMethod(LoRALayer, "lora_alpha", "LoRA-α, a
 register_method(
     "allora", AdapterMethod(LoRALayer, "none", "Huang & Balestriero 2024, arXiv 2410.09692", forces_no_dropout=True)
 )
+register_method("dora", AdapterMethod(DoRALayer, "lora", "Liu et al. 2024, arXiv 2402.09353"))
+register_method("sds", AdapterMethod(SDSLayer, "lora", "SDS-LoRA, arXiv 2606.16454"))
 
 __all__ = [
     "ADAPTER_METHODS",
@@ -42,9 +46,12 @@ __all__ = [
     "SUPPORTED_BASE_TYPES",
     "AdapterLayer",
     "AdapterMethod",
+    "DoRALayer",
     "LoRALayer",
+    "SDSLayer",
     "base_kind",
     "base_shape",
+    "export_as_lora",
     "register_method",
     "scaling_for",
 ]

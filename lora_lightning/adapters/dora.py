@@ -1,0 +1,128 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv 2402.09353).
+
+The adapted weight is split into a trainable magnitude and a LoRA-adapted direction:
+
+    W = m ⊙ (W0 + s·B·A) / n,      n = ‖W0 + s·B·A‖_row ∈ R^{out},   m ∈ R^{out} (``magnitude``),
+
+where ‖V‖_row is the ℓ2 norm of each output row of the out×in view over all input dims (PEFT calls it
+the column norm: ``(W0 + ΔW).norm(p=2, dim=1)``; for Conv2d the norm over dims 1..3 of the kernel) and
+m is initialised to n, so the layer starts at W0 (at W0 + s·B·A when B ≠ 0 at init). As in the paper
+(§4.3), PEFT and torchtune, n is a constant in backward (computed under no_grad).
+
+Forward, with the base matmul done once (PEFT runs the base layer twice when dropout is on):
+
+    y = (m / n) ⊙ (W0·x + s·B·A·dropout(x)) + bias
+
+Only the low-rank path sees dropout (as in LoRA). PEFT instead adds (m/n − 1)·W0·dropout(x) to base(x);
+both have the same expectation and are identical when dropout = 0 or in eval mode.
+
+Gradients (g = ∂L/∂y, n detached): ∂L/∂m_i = Σ g_i·(W0·x + s·B·A·x)_i / n_i; A and B get LoRA's
+gradients with g rescaled row-wise by m/n.
+
+Merge: W0 ← (m/n) ⊙ (W0 + s·B·A) with n from the unmerged W0. Unmerge inverts it from the stored n:
+W0 = W·(n/m) − s·B·A; the rows where m_i = 0 (which merge zeroes) are kept aside and put back, so the
+round trip is exact up to float rounding for every row. ``delta_weight()`` is merged − W0 (not s·B·A);
+``factors()`` stays (A, B), the directional low-rank part only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .lora import LoRALayer
+
+
+class DoRALayer(LoRALayer):
+    """W = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖_row around a frozen Linear / Conv1D / Conv2d (see module docstring).
+
+    Takes LoRALayer's arguments; adds ``magnitude`` (out,), initialised to the row norm.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.magnitude = nn.Parameter(self.weight_norm().to(self.lora_A.dtype))
+        self._merge_state: tuple[Tensor, Tensor, Tensor] | None = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "magnitude"):
+            self.magnitude.copy_(self.weight_norm())
+
+    def _matrix(self, weight: Tensor) -> Tensor:
+        """A weight in the base layout as its out×in view."""
+        return weight.T if self.kind == "conv1d" else weight.reshape(self.out_features, -1)
+
+    @torch.no_grad()
+    def weight_norm(self, w0: Tensor | None = None) -> Tensor:
+        """n = ‖W0 + s·B·A‖ per output row, shape (out,), float32, detached, autocast off; clamped at 1e-12
+        so that an all-zero row (m = n = 0) gives a zero output row instead of 0/0."""
+        w0 = self._matrix(self.base.weight) if w0 is None else w0
+        with torch.autocast(w0.device.type, enabled=False):
+            w = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scaling)
+            return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).clamp_min(1e-12)
+
+    def _base_no_bias(self, x: Tensor) -> Tensor:
+        w0 = self.base.weight
+        if self.kind == "linear":
+            return F.linear(x, w0)
+        if self.kind == "conv1d":
+            return x @ w0
+        return self.base._conv_forward(x, w0, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return self.base(x)
+        out = self._base_no_bias(x)
+        out = out + self.adapter_output(x).to(out.dtype)
+        scale = (self.magnitude.float() / self.weight_norm()).to(out.dtype)
+        bias = self.base.bias
+        if self.kind == "conv2d":
+            scale = scale.view(-1, 1, 1)
+            bias = None if bias is None else bias.view(-1, 1, 1)
+        out = out * scale
+        return out if bias is None else out + bias.to(out.dtype)
+
+    @torch.no_grad()
+    def _merged_matrix(self, w0: Tensor) -> Tensor:
+        """(m/n) ⊙ (W0 + s·B·A) as out×in."""
+        w = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scaling)
+        return w * (self.magnitude.float() / self.weight_norm(w0)).to(w.dtype)[:, None]
+
+    @torch.no_grad()
+    def _unmerged_w0(self) -> Tensor:
+        """W0 as out×in; when merged, reconstructed as W·(n/m) − s·B·A plus the rows kept aside."""
+        w = self._matrix(self.base.weight)
+        if not self.merged:
+            return w
+        norm, rows, kept = self._merge_state
+        w0 = w * (norm / self.magnitude.float()).to(w.dtype)[:, None]
+        w0 = torch.addmm(w0, self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=-self.scaling)
+        w0[rows] = kept
+        return w0
+
+    def delta_matrix(self) -> Tensor:
+        """Merged − W0 = (m/n) ⊙ (W0 + s·B·A) − W0 as out×in (dense; detached)."""
+        w0 = self._unmerged_w0()
+        return self._merged_matrix(w0) - w0
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W0 ← (m/n) ⊙ (W0 + s·B·A); stores n and the rows with m = 0 so ``unmerge`` is exact. Idempotent."""
+        if self.merged:
+            return
+        w0 = self._matrix(self.base.weight)
+        rows = (self.magnitude == 0).nonzero().flatten()
+        self._merge_state = (self.weight_norm(w0), rows, w0[rows].clone())
+        self.base.weight.copy_(self.to_base_layout(self._merged_matrix(w0)))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W0 from the merged weight (the inverse of ``merge``). Idempotent."""
+        if self.merged:
+            self.base.weight.copy_(self.to_base_layout(self._unmerged_w0()))
+            self.merged = False
+            self._merge_state = None
