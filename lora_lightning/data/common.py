@@ -1,0 +1,92 @@
+"""Shared by the datamodules: load a DatasetDict from a hub name, a folder or local files; pick the
+train/val/test splits (a seeded split of train when there is no validation split); a seeded subset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_files(files: dict[str, str]) -> DatasetDict:
+    """Local csv / tsv (tab-separated, via the csv builder) / json / jsonl / parquet files, one per split."""
+    suffixes = {Path(f).suffix.lower() for f in files.values()}
+    unknown = suffixes - set(FILE_BUILDERS)
+    if unknown:
+        raise ValueError(f"unsupported data file type {sorted(unknown)}; use one of {', '.join(FILE_BUILDERS)}")
+    builders = {FILE_BUILDERS[s] for s in suffixes}
+    if len(builders) > 1 or (".tsv" in suffixes and len(suffixes) > 1):
+        raise ValueError(f"all data files must have one format, got {sorted(suffixes)}")
+    for f in files.values():
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"data file {f} not found (relative paths start at the working directory)")
+    kwargs = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
+    return load_dataset(builders.pop(), data_files={k: str(v) for k, v in files.items()}, **kwargs)
+
+
+def load_any(dataset: str, config: Optional[str] = None) -> DatasetDict:
+    """A hub dataset (``load_dataset(name, config)``) or a local folder (imagefolder, csv folder ...)."""
+    loaded = load_dataset(dataset, config)
+    if isinstance(loaded, Dataset):
+        loaded = DatasetDict({"train": loaded})
+    return loaded
+
+
+def pick_splits(
+    splits: DatasetDict,
+    train_split: str,
+    val_split: Optional[str],
+    test_split: Optional[str],
+    val_fraction: float,
+    seed: int,
+) -> dict[str, Dataset]:
+    """{"train", "val", "test"}: ``val_split`` None takes "validation" if present, else a seeded
+    ``val_fraction`` of train; ``test_split`` None tests on the validation split."""
+    available = list(splits)
+    for name in (train_split, val_split, test_split):
+        if name is not None and name not in splits:
+            raise ValueError(f"split {name!r} not in the dataset; available splits: {', '.join(available)}")
+    train = splits[train_split]
+    if val_split is None and "validation" in splits:
+        val_split = "validation"
+    if val_split is None:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"no validation split; set val_split or a val_fraction in (0, 1), got {val_fraction}")
+        held = train.train_test_split(test_size=val_fraction, seed=seed)
+        train, val = held["train"], held["test"]
+    else:
+        val = splits[val_split]
+    return {"train": train, "val": val, "test": splits[test_split] if test_split else val}
+
+
+def seeded_subset(ds: Dataset, size: Optional[int], seed: int) -> Dataset:
+    """A fixed random ``size`` examples of ``ds`` (the same ones for the same seed); all when None."""
+    if size is None or size >= len(ds):
+        return ds
+    if size <= 0:
+        raise ValueError(f"train_size must be positive (got {size}); use null for the whole training set")
+    return ds.shuffle(seed=seed).select(range(size))
+
+
+def string_label_ids(ds: Dataset, column: str) -> Optional[dict[str, int]]:
+    """For a label column of strings: {name: id} over the sorted names; None for integer / ClassLabel labels."""
+    if column not in ds.column_names:
+        raise ValueError(f"label column {column!r} not found; columns: {', '.join(ds.column_names)}")
+    if getattr(ds.features[column], "dtype", None) in ("string", "large_string"):
+        return {name: i for i, name in enumerate(sorted(set(ds[column])))}
+    return None
+
+
+def check_labels(labels: Iterable[int], num_classes: Optional[int], split: str) -> None:
+    labels = list(labels)
+    if not labels:
+        raise ValueError(f"the {split} split is empty")
+    low, high = min(labels), max(labels)
+    if low < 0 or (num_classes is not None and high >= num_classes):
+        raise ValueError(
+            f"{split} labels span {low}..{high} but num_classes={num_classes}; set model.num_classes to the "
+            f"number of classes (labels must be 0..C-1; unlabelled splits such as GLUE test use -1)"
+        )

@@ -1,0 +1,284 @@
+"""LoRAModule: a backbone + an adapter method + a task + AdamW with warm-up and a cosine schedule.
+
+Optimiser: AdamW over the trainable tensors only (adapter factors and ``modules_to_save``, i.e. the head).
+Weight decay λ goes to the matrices of the groups named in ``decay_on`` (default: adapter factors and
+head), never to biases or norm weights (1-D tensors). On LoRA factors decay is a nuclear-norm penalty on
+ΔW: min over B·A = ΔW of λ/2·(‖A‖²+‖B‖²) = λ·‖ΔW‖_* (Kim, Kim, Ryu 2025).
+
+Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with w warm-up steps of T:
+
+    lr(t) = lr · (t+1)/(w+1)                                       for t < w
+    lr(t) = lr · (m + (1−m) · ½(1 + cos(π·(t−w)/(T−w))))           otherwise  (m = min_lr_ratio)
+
+``lr=None`` takes ``DEFAULT_LR`` for the method's scaling rule: the scale s multiplies every update of
+ΔW, so a larger s wants a smaller step (LoRA-α's s = C/√r ≈ 90 at r=8 works with full fine-tuning LRs).
+
+Checkpoints hold only ``adapter_state_dict`` of the backbone (adapter tensors + ``modules_to_save``); the
+frozen base is rebuilt from the spec in ``configure_model`` (seeded by ``init_seed``, so even a randomly
+initialised base is the same one every time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from collections import OrderedDict
+from typing import Any, Optional, Union
+
+import torch
+from lightning.pytorch import Callback, LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from .backbones import build_backbone, default_task
+from .config import AdapterConfig
+from .inject import adapter_layers, inject_adapters
+from .state import adapter_state_dict
+from .tasks import get_task
+
+# Default learning rate per scaling rule (methods inherit it through their rule: DoRA → "lora" ...).
+DEFAULT_LR: dict[str, float] = {"lora": 1e-3, "rslora": 5e-4, "lora_alpha": 5e-5, "none": 1e-3}
+
+# Callbacks a method needs: (module, class). configure_callbacks adds each one unless the Trainer
+# already has a callback of that type (the user's own settings win).
+METHOD_CALLBACKS: dict[str, list[tuple[str, str]]] = {
+    "sds": [("lora_lightning.callbacks.sds", "SDSReorthonormalization")],
+    "allora": [
+        ("lora_lightning.callbacks.allora", "ALLoRARescaling"),
+        ("lora_lightning.callbacks.dropout", "DropoutRemoval"),
+    ],
+}
+
+DECAY_GROUPS = ("adapter", "head")
+SCHEDULERS = ("cosine", "constant")
+
+
+def _as_adapter_config(adapter: Union[AdapterConfig, dict, None]) -> AdapterConfig:
+    if adapter is None:
+        return AdapterConfig()
+    if isinstance(adapter, dict):
+        return AdapterConfig.from_dict(adapter)
+    return dataclasses.replace(adapter)  # a private copy: the default instance may be shared
+
+
+class LoRAModule(LightningModule):
+    """Fine-tune ``backbone`` with ``adapter`` on a classification ``task``.
+
+    Args:
+        backbone: a spec (see ``lora_lightning.backbones``: transformers name/path, ``pkg://...``,
+            ``timm:<name>``, class path) or an ``nn.Module``.
+        num_classes: number of classes of the new head.
+        task: "sequence_classification", "image_classification" or "auto" (from the backbone).
+        pretrained: load pretrained weights (False: random init, seeded by ``init_seed``).
+        adapter: the AdapterConfig (YAML: ``model.adapter.method: rslora``, ``model.adapter.r: 16``).
+        lr: adapter learning rate; None = ``DEFAULT_LR`` of the method's scaling rule.
+        head_lr: learning rate of ``modules_to_save`` (the head); None = ``lr``.
+        weight_decay: AdamW decay λ on the matrices of the groups in ``decay_on``.
+        decay_on: which groups get decay: any of "adapter", "head" (None = both; [] = none).
+        warmup: linear warm-up, a fraction of all optimizer steps if < 1, else a number of steps.
+        scheduler: "cosine" (decay to ``min_lr_ratio``·lr) or "constant" after warm-up.
+        min_lr_ratio: the cosine floor as a fraction of the peak LR.
+        betas: AdamW betas.
+        init_seed: seed for building the backbone and the adapter init (None = the global seed at
+            construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
+    """
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module],
+        num_classes: int = 2,
+        task: str = "auto",
+        pretrained: bool = True,
+        adapter: AdapterConfig = AdapterConfig(),  # noqa: B008 - copied in __init__; a dataclass default for the CLI
+        lr: Optional[float] = None,
+        head_lr: Optional[float] = None,
+        weight_decay: float = 0.01,
+        decay_on: Optional[list[str]] = None,
+        warmup: float = 0.1,
+        scheduler: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        init_seed: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"num_classes must be an integer ≥ 2 (got {num_classes!r})")
+        decay_on = list(DECAY_GROUPS) if decay_on is None else list(decay_on)
+        if set(decay_on) - set(DECAY_GROUPS):
+            raise ValueError(f"decay_on={decay_on!r}: entries must be among {DECAY_GROUPS}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if warmup < 0:
+            raise ValueError(f"warmup must be ≥ 0 (a fraction < 1 or a number of steps), got {warmup}")
+        self.adapter_config = _as_adapter_config(adapter)
+        self.task_name = default_task(backbone) if task == "auto" else task
+        self.task = get_task(self.task_name)
+        self.lr = lr if lr is not None else DEFAULT_LR.get(self.adapter_config.scaling_rule, DEFAULT_LR["lora"])
+        self.head_lr = head_lr if head_lr is not None else self.lr
+        self.decay_on = decay_on
+        self.init_seed = init_seed if init_seed is not None else torch.initial_seed() % 2**31
+        object.__setattr__(self, "_backbone_spec", backbone)  # a module instance becomes self.model later
+        self.model: Optional[nn.Module] = None
+        self.strict_loading = False  # checkpoints hold adapter + head tensors only
+
+        ignore = ["adapter"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
+        self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)  # plain types: weights_only loads
+        self.hparams["init_seed"] = self.init_seed
+
+        self.val_metrics = self.task.metrics(num_classes, prefix="val_")
+        self.test_metrics = self.task.metrics(num_classes, prefix="test_")
+
+    # -- model ------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Build the backbone and inject the adapters (once: Lightning may call this more than once)."""
+        if self.model is not None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed)
+            model = build_backbone(self._backbone_spec, self.hparams.num_classes, self.hparams.pretrained)
+            report = inject_adapters(model, self.adapter_config, verbose=False)
+        model.train()  # transformers returns models in eval mode; Lightning keeps each module's mode
+        if self.global_rank == 0:
+            print(report)
+        self.model = model
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.task.step(self.model, batch)[0]
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """Only the adapter tensors and ``modules_to_save`` (= ``adapter_state_dict(self.model)``)."""
+        full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
+        if self.model is not None and adapter_layers(self.model):
+            keep = {f"{prefix}model.{k}" for k in adapter_state_dict(self.model)}
+            full = OrderedDict((k, v) for k, v in full.items() if k in keep)
+        if destination is None:
+            return full
+        destination.update(full)
+        return destination
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> _IncompatibleKeys:
+        """Load a ``state_dict`` of adapter + head tensors; the frozen base may be absent, anything we would
+        save may not."""
+        wanted = set(self.state_dict())
+        keys = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = sorted(k for k in keys.missing_keys if k in wanted)
+        if missing:
+            more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+            raise RuntimeError(
+                f"checkpoint lacks trainable tensors {', '.join(missing[:5])}{more}: it was saved with another "
+                "backbone or adapter config; build the LoRAModule with the same model/adapter settings"
+            )
+        if strict and keys.unexpected_keys:
+            raise RuntimeError(f"unexpected keys in state_dict: {', '.join(keys.unexpected_keys[:5])}")
+        return _IncompatibleKeys(missing, keys.unexpected_keys)
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
+        logits, labels = self.task.step(self.model, batch)
+        if labels is None:
+            raise ValueError("this batch has no labels; training/validation/test batches need them")
+        return self.task.loss(logits, labels), logits, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss, _, labels = self._step(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        loss, logits, labels = self._step(batch)
+        metrics.update(logits, labels)
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        self.log_dict(metrics, prog_bar=True)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        """Predicted class ids."""
+        return self(batch).argmax(-1)
+
+    def on_fit_end(self) -> None:
+        metrics = self.trainer.callback_metrics
+        if self.global_rank == 0 and "val_acc" in metrics:
+            f1 = f" val_f1={float(metrics['val_f1']):.4f}" if "val_f1" in metrics else ""
+            print(f"final validation (step {self.global_step}): val_acc={float(metrics['val_acc']):.4f}{f1}")
+
+    # -- optimisation -----------------------------------------------------------------------------
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: adapter / head × decay / no decay (1-D tensors: biases, norms), empty ones dropped."""
+        adapter_ids = {
+            id(p)
+            for layer in adapter_layers(self.model).values()
+            for n, p in layer.named_parameters()
+            if not n.startswith("base.")
+        }
+        groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                kind = "adapter" if id(p) in adapter_ids else "head"
+                groups.setdefault((kind, p.ndim >= 2 and kind in self.decay_on), []).append(p)
+        wd = self.hparams.weight_decay
+        return [
+            {
+                "name": kind if decay else f"{kind}_no_decay",
+                "params": params,
+                "lr": self.lr if kind == "adapter" else self.head_lr,
+                "weight_decay": wd if decay else 0.0,
+            }
+            for (kind, decay), params in sorted(groups.items())
+        ]
+
+    def lr_factor(self, total_steps: float):
+        """The LambdaLR multiplier as a function of the optimizer step (see module docstring)."""
+        warmup, scheduler, floor = self.hparams.warmup, self.hparams.scheduler, self.hparams.min_lr_ratio
+        if 0 < warmup < 1 and math.isinf(total_steps):
+            raise ValueError(
+                "a warmup fraction needs a finite run: set trainer.max_steps or max_epochs, or warmup in steps"
+            )
+        warm = int(warmup) if warmup >= 1 else int(round(warmup * total_steps))
+        if scheduler == "cosine" and math.isinf(total_steps):
+            rank_zero_warn("no finite trainer.max_steps/max_epochs: the cosine schedule is constant after warm-up")
+            scheduler = "constant"
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            if scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1.0, total_steps - warm))
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return factor
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=tuple(self.hparams.betas))
+        total = float(self.trainer.estimated_stepping_batches)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- method callbacks -------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[Callback]:
+        """The callbacks ``METHOD_CALLBACKS`` lists for this method, minus types the Trainer already has."""
+        present = list(self.trainer.callbacks) if self._trainer is not None else []
+        added = []
+        for module_name, class_name in METHOD_CALLBACKS.get(self.adapter_config.method, []):
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError) as err:
+                raise ImportError(
+                    f"method {self.adapter_config.method!r} needs the callback {module_name}.{class_name}, which "
+                    f"cannot be imported ({err}); reinstall lora_lightning"
+                ) from err
+            if not any(isinstance(cb, cls) for cb in present):
+                added.append(cls())
+        return added
+
+
+__all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule"]

@@ -1,0 +1,91 @@
+"""The ``lora-lightning`` CLI: a real ``fit`` in a subprocess, and config printing / validation in process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lora_lightning.cli import main
+
+
+def _config(tmp_path, tiny_bert_dir, sst_files) -> str:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 3,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp_path / "run"),
+            "callbacks": [
+                {
+                    "class_path": "lora_lightning.callbacks.adapter_checkpoint.AdapterCheckpoint",
+                    "init_args": {"dirpath": str(tmp_path / "adapters")},
+                }
+            ],
+        },
+        "model": {"backbone": tiny_bert_dir, "num_classes": 2, "lr": 0.05, "adapter": {"r": 4}},
+        "data": {
+            "class_path": "lora_lightning.data.TextClassificationDataModule",
+            "init_args": {"train_file": sst_files["train"], "val_file": sst_files["dev"], "batch_size": 4},
+        },
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_fit_subprocess_writes_trained_adapter_and_checkpoint(tmp_path, tiny_bert_dir, sst_files):
+    cmd = [sys.executable, "-m", "lora_lightning.cli", "fit", "--config", _config(tmp_path, tiny_bert_dir, sst_files)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lora_lightning: lora (s=4) on" in proc.stdout  # the injection report, printed once
+    assert "val_acc=" in proc.stdout
+
+    adapter = load_file(tmp_path / "adapters" / "last" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if k.endswith("lora_B")]
+    assert len(lora_b) == 13  # 2 layers × 6 Linear + the pooler; B starts at 0 and has moved
+    assert all(v.abs().max() > 0 for v in lora_b)
+
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert set(state) == {f"model.{k}" for k in adapter}  # checkpoint = exactly the adapter tensors
+    assert state["model.classifier.weight"].shape == (2, 32)
+
+
+def _print_config(capsys, args: list[str]) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args + ["--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_print_config_shows_the_chosen_method_and_links(tmp_path, tiny_bert_dir, sst_files, capsys):
+    config = _config(tmp_path, tiny_bert_dir, sst_files)
+    printed = _print_config(capsys, ["fit", "--config", config, "--model.adapter.method", "rslora"])
+    assert printed["model"]["adapter"]["method"] == "rslora"
+    assert printed["model"]["adapter"]["r"] == 4
+    assert printed["data"]["class_path"] == "lora_lightning.data.TextClassificationDataModule"
+
+
+def test_repo_configs_parse(capsys):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("quickstart", "minilm_sst2", "roberta_sst2", "vit_cifar10"):
+        printed = _print_config(capsys, ["fit", "--config", os.path.join(root, "configs", f"{name}.yaml")])
+        assert printed["model"]["backbone"] and printed["data"]["class_path"].startswith("lora_lightning.data.")
+
+
+def test_unknown_method_is_one_clear_error(tmp_path, tiny_bert_dir, sst_files, capsys):
+    config = _config(tmp_path, tiny_bert_dir, sst_files)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--model.adapter.method", "rslroa"])
+    assert exit_info.value.code != 0
+    assert "did you mean 'rslora'" in capsys.readouterr().err
