@@ -76,11 +76,40 @@ def test_print_config_shows_the_chosen_method_and_links(tmp_path, tiny_bert_dir,
     assert printed["data"]["class_path"] == "lora_lightning.data.TextClassificationDataModule"
 
 
-def test_repo_configs_parse(capsys):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in ("quickstart", "minilm_sst2", "roberta_sst2", "vit_cifar10"):
-        printed = _print_config(capsys, ["fit", "--config", os.path.join(root, "configs", f"{name}.yaml")])
-        assert printed["model"]["backbone"] and printed["data"]["class_path"].startswith("lora_lightning.data.")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIT_CONFIGS = sorted(
+    f[:-5] for f in os.listdir(os.path.join(ROOT, "configs"))
+    if f.endswith(".yaml") and not f.startswith(("compare", "ddp", "fsdp"))
+)
+
+
+@pytest.mark.parametrize("name", FIT_CONFIGS)
+def test_repo_configs_parse(capsys, name):
+    printed = _print_config(capsys, ["fit", "--config", os.path.join(ROOT, "configs", f"{name}.yaml")])
+    assert printed["model"]["backbone"] and printed["data"]["class_path"].startswith("lora_lightning.data.")
+    if name in ("rslora", "lora_alpha", "dora", "sds", "allora"):
+        assert printed["model"]["adapter"]["method"] == name
+
+
+def test_callback_fragments_stack_after_a_config():
+    """Every fragment in callbacks/ appends (callbacks+:) to the main config's callbacks, in order."""
+    from lightning.pytorch import LightningDataModule
+
+    from lora_lightning import LoRAModule
+    from lora_lightning import callbacks as cb
+    from lora_lightning.cli import LoRALightningCLI
+
+    fragments = ["monitor", "allora", "sds", "dropout", "adapter_checkpoint"]
+    args = ["--config", os.path.join(ROOT, "configs", "minilm_sst2.yaml")]  # its AdapterCheckpoint saves last only
+    for f in fragments:
+        args += ["--config", os.path.join(ROOT, "callbacks", f"{f}.yaml")]
+    cli = LoRALightningCLI(LoRAModule, LightningDataModule, subclass_mode_data=True, run=False, args=args)
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    expected = ["AdapterCheckpoint", "AdapterMonitor", "ALLoRARescaling", "DropoutRemoval",
+                "SDSReorthonormalization", "DropoutRemoval", "AdapterCheckpoint"]
+    assert [n for n in names if hasattr(cb, n)] == expected
+    allora = next(c for c in cli.trainer.callbacks if isinstance(c, cb.ALLoRARescaling))
+    assert (allora.eta, allora.rows, allora.norm, allora.mode) == (2.0, "factors", "norm", "update")
 
 
 def test_unknown_method_is_one_clear_error(tmp_path, tiny_bert_dir, sst_files, capsys):

@@ -102,6 +102,11 @@ class AdapterCheckpoint(Callback):
         if self.save_last and trainer.is_global_zero:
             self.save(pl_module, "last")
 
+    @property
+    def state_key(self) -> str:
+        # Several AdapterCheckpoints (e.g. best-by-accuracy and last) may coexist in one Trainer.
+        return self._generate_state_key(dirpath=str(self.dirpath), monitor=self.monitor, mode=self.mode)
+
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score}
 
