@@ -42,10 +42,11 @@ def load_backbone() -> nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
 
 
-# A variant: build(model) -> model with adapters, and an optional per-step hook list.
 class Variant:
-    def __init__(self, build: Callable[[nn.Module], nn.Module], hooks: Callable | None = None, lr: float = 1e-4):
-        self.build, self.hooks, self.lr = build, hooks, lr
+    """build(model) -> model with adapters; callback() -> the Lightning callback the method trains with."""
+
+    def __init__(self, build: Callable[[nn.Module], nn.Module], callback: Callable | None = None, lr: float = 1e-4):
+        self.build, self.callback, self.lr = build, callback, lr
 
 
 def ours(method: str, **kw) -> Callable[[nn.Module], nn.Module]:
@@ -74,65 +75,46 @@ def variants() -> dict[str, Variant]:
 
 
 def method_variants() -> dict[str, Variant]:
-    """DoRA, SDS-LoRA, ALLoRA and the monitor, where they exist in this checkout."""
-    from lora_lightning.adapters import ADAPTER_METHODS
+    """DoRA, SDS-LoRA, ALLoRA and the monitor (their callbacks driven by ``CallbackDriver``)."""
+    from lora_lightning.callbacks import AdapterMonitor, ALLoRARescaling, SDSReorthonormalization
 
-    out: dict[str, Variant] = {}
-    if "dora" in ADAPTER_METHODS:
-        out["dora"] = Variant(ours("dora"))
-        out["peft-dora"] = Variant(peft(use_dora=True))
-    if "sds" in ADAPTER_METHODS:
-        out["sds(refresh every step)"] = Variant(ours("sds"), hooks=sds_hooks(every=1))
-        out["sds(default schedule)"] = Variant(ours("sds"), hooks=sds_hooks(every=None))
-    try:
-        from lora_lightning.callbacks.allora import ALLoRARescaling
+    return {
+        "dora": Variant(ours("dora")),
+        "peft-dora": Variant(peft(use_dora=True)),
+        # warm-up of 1 step so every timed step runs the SDS parameterisation, not plain LoRA
+        "sds(refresh every step)": Variant(ours("sds"), lambda: SDSReorthonormalization(warmup_steps=1, refresh_every=1)),
+        "sds(default schedule)": Variant(ours("sds"), lambda: SDSReorthonormalization(warmup_steps=1)),
+        "allora": Variant(ours("allora"), ALLoRARescaling),
+        "lora+monitor(every step)": Variant(ours("lora"), lambda: AdapterMonitor(every_n_steps=1)),
+        "lora+monitor(every 50)": Variant(ours("lora"), lambda: AdapterMonitor(every_n_steps=50)),
+    }
 
-        out["allora"] = Variant(ours("allora"), hooks=callback_hooks(ALLoRARescaling))
-    except ImportError:
+
+class CallbackDriver(nn.Module):
+    """Runs a Lightning callback's hooks around a plain training loop (a stand-in for Trainer and
+    LightningModule: ``optimizers``, ``global_step``, ``loggers``, ``log``), so its own cost is measured."""
+
+    def __init__(self, callback, model: nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__()
+        self.model, self.callback, self.optimizers = model, callback, [optimizer]
+        self.global_step, self.loggers, self.is_global_zero, self.sanity_checking = 0, [], True, False
+        callback.on_fit_start(self, self)
+
+    def log(self, *args, **kwargs) -> None:
         pass
-    try:
-        from lora_lightning.callbacks.monitor import AdapterMonitor
 
-        out["lora+monitor(every step)"] = Variant(ours("lora"), hooks=callback_hooks(AdapterMonitor, every_n_steps=1))
-    except ImportError:
-        pass
-    return out
+    @property
+    def fit_loop(self):
+        from types import SimpleNamespace
 
+        return SimpleNamespace(epoch_loop=SimpleNamespace(_batches_that_stepped=self.global_step))
 
-def sds_hooks(every: int | None):
-    """Rebalance after warm-up, then refresh every `every` steps (None = the callback's default)."""
+    def before_step(self) -> None:
+        self.callback.on_before_optimizer_step(self, self, self.optimizers[0])
 
-    def make(model: nn.Module, optimizer: torch.optim.Optimizer):
-        from lora_lightning.callbacks.sds import SDSReorthonormalization
-
-        default = SDSReorthonormalization()
-        period = every or default.refresh_every
-        layers = list(adapter_layers(model).values())
-        step = {"n": 0}
-
-        def post_step() -> None:
-            step["n"] += 1
-            if step["n"] == 1:  # benchmark the SDS parameterisation, not the plain-LoRA warm-up
-                for layer in layers:
-                    layer.rebalance()
-            elif step["n"] % period == 0:
-                for layer in layers:
-                    layer.refresh()
-
-        return post_step
-
-    return make
-
-
-def callback_hooks(callback_cls, **kwargs):
-    """Drive a Lightning callback's optimizer hooks from a plain loop through a minimal trainer stub."""
-
-    def make(model: nn.Module, optimizer: torch.optim.Optimizer):
-        from benchmarks_stub import attach_callback
-
-        return attach_callback(callback_cls(**kwargs), model, optimizer)
-
-    return make
+    def after_step(self) -> None:
+        self.global_step += 1
+        self.callback.on_train_batch_end(self, self, None, None, self.global_step - 1)
 
 
 @contextmanager
@@ -185,8 +167,9 @@ def main() -> None:
         model = available[name].build(copy.deepcopy(base)).to(device).train()
         params = [q for q in model.parameters() if q.requires_grad]
         opt = torch.optim.AdamW(params, lr=available[name].lr, weight_decay=0.01)
-        hook = available[name].hooks(model, opt) if available[name].hooks else None
-        runs[name] = {"model": model, "opt": opt, "hook": hook, "times": [], "mem": 0,
+        make = available[name].callback
+        driver = CallbackDriver(make(), model, opt) if make else None
+        runs[name] = {"model": model, "opt": opt, "driver": driver, "times": [], "mem": 0,
                       "trainable": sum(q.numel() for q in params)}
 
     def step(run, measure_memory: bool = False) -> float:
@@ -203,10 +186,12 @@ def main() -> None:
             else:
                 loss = model(**batch).loss
         loss.backward()
+        if run["driver"]:
+            run["driver"].before_step()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if run["hook"]:
-            run["hook"]()
+        if run["driver"]:
+            run["driver"].after_step()
         if device.type == "cuda":
             torch.cuda.synchronize()
             run["mem"] = max(run["mem"], torch.cuda.max_memory_allocated())
