@@ -21,7 +21,6 @@ initialised base is the same one every time).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections import OrderedDict
 from typing import Any, Optional, Union
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .backbones import build_backbone, default_task
+from .callbacks import ALLoRARescaling, DropoutRemoval, SDSReorthonormalization
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters
 from .state import adapter_state_dict
@@ -41,14 +41,11 @@ from .tasks import get_task
 # Default learning rate per scaling rule (methods inherit it through their rule: DoRA → "lora" ...).
 DEFAULT_LR: dict[str, float] = {"lora": 1e-3, "rslora": 5e-4, "lora_alpha": 5e-5, "none": 1e-3}
 
-# Callbacks a method needs: (module, class). configure_callbacks adds each one unless the Trainer
-# already has a callback of that type (the user's own settings win).
-METHOD_CALLBACKS: dict[str, list[tuple[str, str]]] = {
-    "sds": [("lora_lightning.callbacks.sds", "SDSReorthonormalization")],
-    "allora": [
-        ("lora_lightning.callbacks.allora", "ALLoRARescaling"),
-        ("lora_lightning.callbacks.dropout", "DropoutRemoval"),
-    ],
+# Callbacks a method needs. configure_callbacks adds each one (default options) unless the Trainer
+# already has a callback of that type: the user's own settings (e.g. callbacks/sds.yaml) win.
+METHOD_CALLBACKS: dict[str, list[type[Callback]]] = {
+    "sds": [SDSReorthonormalization],
+    "allora": [ALLoRARescaling, DropoutRemoval],
 }
 
 DECAY_GROUPS = ("adapter", "head")
@@ -267,18 +264,8 @@ class LoRAModule(LightningModule):
     def configure_callbacks(self) -> list[Callback]:
         """The callbacks ``METHOD_CALLBACKS`` lists for this method, minus types the Trainer already has."""
         present = list(self.trainer.callbacks) if self._trainer is not None else []
-        added = []
-        for module_name, class_name in METHOD_CALLBACKS.get(self.adapter_config.method, []):
-            try:
-                cls = getattr(importlib.import_module(module_name), class_name)
-            except (ImportError, AttributeError) as err:
-                raise ImportError(
-                    f"method {self.adapter_config.method!r} needs the callback {module_name}.{class_name}, which "
-                    f"cannot be imported ({err}); reinstall lora_lightning"
-                ) from err
-            if not any(isinstance(cb, cls) for cb in present):
-                added.append(cls())
-        return added
+        needed = METHOD_CALLBACKS.get(self.adapter_config.method, [])
+        return [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
 
 
 __all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule"]

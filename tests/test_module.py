@@ -20,8 +20,7 @@ from lora_lightning import (
     inject_adapters,
     load_adapter,
 )
-from lora_lightning.callbacks.adapter_checkpoint import AdapterCheckpoint
-from lora_lightning.module import METHOD_CALLBACKS
+from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, DropoutRemoval
 
 
 def token_loader(n: int = 8, batch_size: int = 4, vocab: int = 30):
@@ -162,19 +161,40 @@ def test_configure_model_is_idempotent():
     assert len(layers) == 2 and not any(adapter_layers(layer.base) for layer in layers.values())  # no double wrap
 
 
-def test_method_callbacks_added_unless_present(monkeypatch):
+def test_method_callbacks_added_unless_present():
     module = _net_module()
     module.trainer = cpu_trainer()
     assert module.configure_callbacks() == []  # plain LoRA needs none
-    spec = [("lora_lightning.callbacks.adapter_checkpoint", "AdapterCheckpoint")]
-    monkeypatch.setitem(METHOD_CALLBACKS, "rslora", spec)
-    rs = _net_module(adapter=AdapterConfig(method="rslora", r=2))
-    rs.trainer = cpu_trainer()
-    added = rs.configure_callbacks()
-    assert len(added) == 1 and isinstance(added[0], AdapterCheckpoint)
-    mine = AdapterCheckpoint(monitor="val_acc")
-    rs.trainer = cpu_trainer(callbacks=[mine])
-    assert rs.configure_callbacks() == []  # the user's own instance wins
+    allora = _net_module(adapter=AdapterConfig(method="allora", r=2))
+    allora.trainer = cpu_trainer()
+    assert [type(c) for c in allora.configure_callbacks()] == [ALLoRARescaling, DropoutRemoval]
+    allora.trainer = cpu_trainer(callbacks=[ALLoRARescaling(eta=4.0)])
+    assert [type(c) for c in allora.configure_callbacks()] == [DropoutRemoval]  # the user's own instance wins
+
+
+def test_sds_method_trains_through_its_callback():
+    """method=sds in LoRAModule: plain-LoRA warm-up, then the callback's re-balance activates the bases."""
+    module = _net_module(adapter=AdapterConfig(method="sds", r=2))
+    cpu_trainer(max_steps=3).fit(module, train_dataloaders=tensor_loader())
+    assert not any(bool(layer.sds_active) for layer in adapter_layers(module.model).values())  # warm-up: 10 steps
+    module = _net_module(adapter=AdapterConfig(method="sds", r=2))
+    cpu_trainer(max_steps=12).fit(module, train_dataloaders=tensor_loader())
+    for layer in adapter_layers(module.model).values():
+        assert bool(layer.sds_active)
+        for q in (layer.Q_A, layer.Q_B):
+            torch.testing.assert_close(q.T @ q, torch.eye(2), atol=1e-5, rtol=0)
+
+
+def test_allora_method_rescales_updates():
+    """method=allora in LoRAModule: s = 1 and the first AdamW step of B is η × the plain one."""
+    plain = _net_module(adapter=AdapterConfig(method="lora", r=2, scaling="none"), warmup=0, scheduler="constant")
+    allora = _net_module(adapter=AdapterConfig(method="allora", r=2), warmup=0, scheduler="constant")
+    for m in (plain, allora):
+        cpu_trainer(max_steps=1).fit(m, train_dataloaders=tensor_loader())
+    for (name, a), b in zip(adapter_layers(allora.model).items(), adapter_layers(plain.model).values()):
+        assert a.scaling == 1.0
+        # B = 0 before the step, so every row of B has c = 1/√(0 + 1/η²) = η = 2
+        torch.testing.assert_close(a.lora_B, 2.0 * b.lora_B, rtol=1e-5, atol=1e-7)
 
 
 class PlainUserModule(LightningModule):
