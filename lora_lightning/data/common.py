@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -90,3 +92,30 @@ def check_labels(labels: Iterable[int], num_classes: Optional[int], split: str) 
             f"{split} labels span {low}..{high} but num_classes={num_classes}; set model.num_classes to the "
             f"number of classes (labels must be 0..C-1; unlabelled splits such as GLUE test use -1)"
         )
+
+
+class SplitDataModule(LightningDataModule):
+    """Dataloaders over ``self.splits`` ("train", "val", "test") with ``self.collate``; the subclass's
+    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size`` and ``num_workers`` hparams."""
+
+    def _loader(self, split: str, train: bool = False) -> DataLoader:
+        h = self.hparams
+        return DataLoader(
+            self.splits[split],
+            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
+            shuffle=train,
+            collate_fn=self.collate,
+            num_workers=h.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test")

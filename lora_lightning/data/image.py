@@ -16,12 +16,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from datasets import Array2D, ClassLabel, Dataset, Features, Image
-from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ..backbones import image_data_config
-from .common import check_labels, load_any, pick_splits, seeded_subset
+from .common import SplitDataModule, check_labels, load_any, pick_splits, seeded_subset
 
 DIGITS = "digits"
 
@@ -53,7 +52,7 @@ class _ResizeNormalize:
         return (x - self.mean) / self.std, y
 
 
-class ImageClassificationDataModule(LightningDataModule):
+class ImageClassificationDataModule(SplitDataModule):
     """Image classification.
 
     Args:
@@ -145,25 +144,3 @@ class ImageClassificationDataModule(LightningDataModule):
             }
 
         return ds.with_transform(apply)
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        h = self.hparams
-        return DataLoader(
-            self.splits[split],
-            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-            shuffle=train,
-            collate_fn=self.collate,
-            num_workers=h.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
 
 from ..backbones import load_tokenizer
-from .common import check_labels, load_any, load_files, pick_splits, seeded_subset, string_label_ids
+from .common import SplitDataModule, check_labels, load_any, load_files, pick_splits, seeded_subset, string_label_ids
 
 
-class TextClassificationDataModule(LightningDataModule):
+class TextClassificationDataModule(SplitDataModule):
     """Sentence (or sentence-pair) classification.
 
     Args:
@@ -109,25 +107,3 @@ class TextClassificationDataModule(LightningDataModule):
                 check_labels(done[id(ds)]["labels"], h.num_classes, name)
             self.splits[name] = done[id(ds)]
         self.collate = DataCollatorWithPadding(self.tokenizer)
-
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        h = self.hparams
-        return DataLoader(
-            self.splits[split],
-            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-            shuffle=train,
-            collate_fn=self.collate,
-            num_workers=h.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test")
