@@ -189,8 +189,18 @@ def injected_config(model: nn.Module) -> AdapterConfig:
     return config
 
 
+def _refuse_sharded(model: nn.Module, action: str) -> None:
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise RuntimeError(
+            f"{action} on a sharded (FSDP2) model needs the whole weights on every rank: call "
+            f"lora_lightning.distributed.merge_sharded(model{', unmerge=True' if action == 'unmerge' else ''}) "
+            "on every rank instead"
+        )
+
+
 def merge_adapters(model: nn.Module) -> int:
     """Fold every adapter into its base weight (W0 ← W0 + ΔW). Returns how many layers were merged."""
+    _refuse_sharded(model, "merge")
     layers = adapter_layers(model)
     for layer in layers.values():
         layer.merge()
@@ -199,6 +209,7 @@ def merge_adapters(model: nn.Module) -> int:
 
 def unmerge_adapters(model: nn.Module) -> int:
     """Undo ``merge_adapters`` (W0 ← W0 − ΔW). Returns how many layers were unmerged."""
+    _refuse_sharded(model, "unmerge")
     layers = adapter_layers(model)
     for layer in layers.values():
         layer.unmerge()

@@ -16,6 +16,11 @@ Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with
 Checkpoints hold only ``adapter_state_dict`` of the backbone (adapter tensors + ``modules_to_save``); the
 frozen base is rebuilt from the spec in ``configure_model`` (seeded by ``init_seed``, so even a randomly
 initialised base is the same one every time).
+
+Multi-device: DDP works as is (``trainer.strategy: ddp``). Under Lightning's ``ModelParallelStrategy``
+(tensor_parallel_size=1) ``configure_model`` shards the backbone with FSDP2 (``shard_adapters``: adapters,
+frozen bases and trained modules in separate units); ``init_seed`` makes every rank start from the same
+weights, which FSDP2 needs (it does not broadcast). See ``lora_lightning.distributed``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .backbones import build_backbone, default_task
 from .callbacks import ALLoRARescaling, DropoutRemoval, SDSReorthonormalization
 from .config import AdapterConfig
+from .distributed import shard_adapters
 from .inject import adapter_layers, inject_adapters
 from .state import adapter_state_dict
 from .tasks import get_task
@@ -140,6 +146,8 @@ class LoRAModule(LightningModule):
         model.train()  # transformers returns models in eval mode; Lightning keeps each module's mode
         if self.global_rank == 0:
             print(report)
+        if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
+            shard_adapters(model, self.device_mesh)
         self.model = model
 
     def forward(self, batch: Any) -> Tensor:

@@ -13,9 +13,33 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters, injected_config
 
+try:  # sharded (FSDP2 / tensor-parallel) parameters; public since torch 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch 2.4, or a build without torch.distributed
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = ()  # isinstance(x, ()) is always False
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "lora_lightning"
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor's shards gathered from every rank (a collective: all ranks must call it in
+    the same order), a plain tensor as is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def is_flat_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP1 flat-parameter shards (its parameters are flattened 1-D pieces)."""
+    return any(getattr(p, "_fsdp_flattened", False) for p in model.parameters())
+
+
+def _global_rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -32,13 +56,28 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (method, r, alpha, the
-    scaling rule and the effective scale, exact target names). Returns the directory."""
+    scaling rule and the effective scale, exact target names). Returns the directory.
+
+    Under ``torch.distributed`` only global rank 0 writes. Sharded (FSDP2 DTensor) tensors are gathered
+    whole first, which is a collective: then every rank must call ``save_adapter`` (rank 0 writes the whole
+    tensors, the others wait until the files exist). FSDP1's flattened shards are refused."""
+    if is_flat_sharded(model):
+        raise RuntimeError(
+            "save_adapter needs whole adapter tensors, but FSDP1 (FSDPStrategy) keeps them as flattened shards; "
+            "shard with FSDP2 (Lightning's ModelParallelStrategy, see lora_lightning.distributed), or save from a "
+            "full-state-dict checkpoint loaded into a single-process model"
+        )
+    state = adapter_state_dict(model)
+    sharded = any(isinstance(v, DTensor) for v in state.values())
+    tensors = {k: full_tensor(v).detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
-    save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-    meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
-    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if _global_rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
+        meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
+        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if sharded:
+        torch.distributed.barrier()
     return path
 
 
@@ -87,5 +126,10 @@ def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False
         )
     with torch.no_grad():
         for k, v in expected.items():
-            v.copy_(loaded[k])
+            src = loaded[k].to(v.dtype)
+            if isinstance(v, DTensor):  # every rank read the whole file: keep this rank's shard
+                from torch.distributed.tensor import distribute_tensor
+
+                src = distribute_tensor(src, v.device_mesh, v.placements, src_data_rank=None)
+            v.copy_(src)
     return model

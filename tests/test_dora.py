@@ -229,3 +229,13 @@ def test_inject_dora_registers_method_and_trains_magnitude():
     for name in layers:
         assert {f"{name}.lora_A", f"{name}.lora_B", f"{name}.magnitude"} <= trainable
         assert f"{name}.base.weight" not in trainable
+
+
+def test_dora_runs_in_float64_and_matches_the_base_at_init():
+    from lora_lightning.adapters import DoRALayer
+
+    base = torch.nn.Linear(6, 5).double()
+    layer = DoRALayer(base, r=2, scaling=2.0)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert layer.weight_norm().dtype == torch.float64
+    torch.testing.assert_close(layer(x), base(x), rtol=1e-12, atol=1e-12)

@@ -57,12 +57,13 @@ class DoRALayer(LoRALayer):
 
     @torch.no_grad()
     def weight_norm(self, w0: Tensor | None = None) -> Tensor:
-        """n = ‖W0 + s·B·A‖ per output row, shape (out,), float32, detached, autocast off; clamped at 1e-12
+        """n = ‖W0 + s·B·A‖ per output row, shape (out,), at least float32, detached, autocast off; clamped at 1e-12
         so that an all-zero row (m = n = 0) gives a zero output row instead of 0/0."""
         w0 = self._matrix(self.base.weight) if w0 is None else w0
         with torch.autocast(w0.device.type, enabled=False):
             w = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scaling)
-            return torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).clamp_min(1e-12)
+            dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 → fp32; fp64 stays fp64
+            return torch.linalg.vector_norm(w, dim=1, dtype=dtype).clamp_min(1e-12)
 
     def _base_no_bias(self, x: Tensor) -> Tensor:
         w0 = self.base.weight
@@ -77,7 +78,8 @@ class DoRALayer(LoRALayer):
             return self.base(x)
         out = self._base_no_bias(x)
         out = out + self.adapter_output(x).to(out.dtype)
-        scale = (self.magnitude.float() / self.weight_norm()).to(out.dtype)
+        norm = self.weight_norm()
+        scale = (self.magnitude.to(norm.dtype) / norm).to(out.dtype)
         bias = self.base.bias
         if self.kind == "conv2d":
             scale = scale.view(-1, 1, 1)
@@ -89,7 +91,8 @@ class DoRALayer(LoRALayer):
     def _merged_matrix(self, w0: Tensor) -> Tensor:
         """(m/n) ⊙ (W0 + s·B·A) as out×in."""
         w = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scaling)
-        return w * (self.magnitude.float() / self.weight_norm(w0)).to(w.dtype)[:, None]
+        norm = self.weight_norm(w0)
+        return w * (self.magnitude.to(norm.dtype) / norm).to(w.dtype)[:, None]
 
     @torch.no_grad()
     def _unmerged_w0(self) -> Tensor:
@@ -98,7 +101,7 @@ class DoRALayer(LoRALayer):
         if not self.merged:
             return w
         norm, rows, kept = self._merge_state
-        w0 = w * (norm / self.magnitude.float()).to(w.dtype)[:, None]
+        w0 = w * (norm / self.magnitude.to(norm.dtype)).to(w.dtype)[:, None]
         w0 = torch.addmm(w0, self.lora_B.to(w.dtype), self.lora_A.to(w.dtype), alpha=-self.scaling)
         w0[rows] = kept
         return w0

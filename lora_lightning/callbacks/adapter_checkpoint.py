@@ -10,6 +10,10 @@ of the whole backbone), loadable with ``load_adapter(base_model, dir)``.
 Works on any LightningModule that contains adapters: it saves every submodule that ``inject_adapters``
 was run on (the one carrying the ``_lora_lightning_config`` attribute), in ``<dir>/<submodule name>/``
 when there is more than one.
+
+Multi-device: every rank takes part in each save (FSDP2 shards are gathered whole, a collective) and only
+global rank 0 writes, once; whether ``monitor`` improved is decided on rank 0 and broadcast, so all ranks
+agree on when to save. FSDP1's flattened shards are refused by ``save_adapter`` (use FSDP2 or DDP).
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class AdapterCheckpoint(Callback):
         return score > self.best_score if self.mode == "max" else score < self.best_score
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero:
+        if trainer.sanity_checking:
             return
         if self.monitor is not None:
             if self.monitor not in trainer.callback_metrics:
@@ -92,14 +96,14 @@ class AdapterCheckpoint(Callback):
                     f"{', '.join(sorted(trainer.callback_metrics)) or 'none'}"
                 )
             score = float(trainer.callback_metrics[self.monitor])
-            if self._improved(score):
-                self.best_score = score
+            if trainer.strategy.broadcast(self._improved(score)):  # rank 0 decides: all ranks save together
+                self.best_score = trainer.strategy.broadcast(score)
                 self.save(pl_module, "best")
         if self.save_last:
             self.save(pl_module, "last")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.save_last and trainer.is_global_zero:
+        if self.save_last:
             self.save(pl_module, "last")
 
     @property

@@ -41,6 +41,12 @@ Weight decay (``weight_decay``, "update" mode only):
 
 Only ``lora_A`` and ``lora_B`` are rescaled (DoRA's ``magnitude`` and any head keep the plain update).
 Logs ``allora/coef_mean``: the mean of the coefficients of every rescaled row at the last step.
+
+Multi-device: under DDP every rank rescales identical parameters identically. Under FSDP2 the factors are
+DTensors sharded along dim 0, so every rank holds whole rows of A (r×in) and B (out×r): with "factors" the
+coefficients and the rescaled update are computed on the local rows (no communication; ``coef_mean`` is
+then over rank 0's rows); "product" gathers A and B (r×(in+out) values) for the Gram and the mean. FSDP1's
+flattened shards are refused (use FSDP2 or DDP).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
+from ..distributed import check_not_flat_sharded, full_tensor, local_part, local_rows
 from ..inject import adapter_layers
 
 ROWS = ("factors", "product")
@@ -94,17 +101,21 @@ class ALLoRARescaling(Callback):
     # -- the math -------------------------------------------------------------------------------
     @torch.no_grad()
     def coefficients(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
-        """(c_A of shape r×1, c_B of shape out×1) from the layer's current lora_A, lora_B."""
+        """(c_A of shape r×1, c_B of shape out×1) from the layer's current lora_A, lora_B (under FSDP2: for
+        the rows this rank holds)."""
         dtype = torch.float64 if layer.lora_A.dtype == torch.float64 else torch.float32
-        A, B = layer.lora_A.detach().to(dtype), layer.lora_B.detach().to(dtype)
         if self.rows == "factors":
+            A, B = local_rows(layer.lora_A.detach()).to(dtype), local_rows(layer.lora_B.detach()).to(dtype)
             sq_a, sq_b = A.square().sum(1), B.square().sum(1)
-        else:
+        else:  # the Gram needs every row of A, the mean every row of B: whole matrices
+            A, B = full_tensor(layer.lora_A.detach()).to(dtype), full_tensor(layer.lora_B.detach()).to(dtype)
             sq_b = ((B @ (A @ A.T)) * B).sum(1).clamp_min(0) * layer.scaling**2
         coef = lambda sq: (sq if self.norm == "squared" else sq.sqrt()).add(self.eta**-2).rsqrt()  # noqa: E731
         c_b = coef(sq_b)
-        c_a = coef(sq_a) if self.rows == "factors" else c_b.mean().expand(A.shape[0])
-        return c_a[:, None], c_b[:, None]
+        if self.rows == "factors":
+            return coef(sq_a)[:, None], c_b[:, None]
+        c_a = c_b.mean().expand(A.shape[0]).contiguous()
+        return local_part(c_a, layer.lora_A)[:, None], local_part(c_b, layer.lora_B)[:, None]
 
     def _coefficients_for(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, Tensor, dict]]:
         cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -120,7 +131,7 @@ class ALLoRARescaling(Callback):
     # -- "update" mode: torch optimizer step hooks ------------------------------------------------
     def _pre_step(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
         self._pending[id(optimizer)] = [
-            (p, p.detach().clone(), c, float(group["lr"]) * group.get("weight_decay", 0.0))
+            (p, local_rows(p.detach()).clone(), c, float(group["lr"]) * group.get("weight_decay", 0.0))
             for p, c, group in self._coefficients_for(optimizer)
         ]
 
@@ -129,10 +140,11 @@ class ALLoRARescaling(Callback):
         for p, old, c, decay in self._pending.pop(id(optimizer), []):
             if p.grad is None:  # the optimiser skipped it: nothing to rescale
                 continue
-            new = old + c * (p - old)
+            rows = local_rows(p.detach())  # p itself, or its local shard (a view: copy_ writes into p)
+            new = old + c * (rows - old)
             if self.weight_decay == "unscaled" and decay:
                 new -= (1 - c) * decay * old
-            p.copy_(new)
+            rows.copy_(new)
 
     # -- "gradient" mode ------------------------------------------------------------------------
     @torch.no_grad()
@@ -141,11 +153,12 @@ class ALLoRARescaling(Callback):
             return
         for p, c, _ in self._coefficients_for(getattr(optimizer, "_optimizer", optimizer)):
             if p.grad is not None:
-                p.grad.mul_(c)
+                local_rows(p.grad).mul_(c)
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
+        check_not_flat_sharded(pl_module, "ALLoRARescaling")
         layers = {n: m for n, m in adapter_layers(pl_module).items() if hasattr(m, "lora_A") and hasattr(m, "lora_B")}
         if not layers:
             raise ValueError(

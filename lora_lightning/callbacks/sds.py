@@ -20,7 +20,12 @@ describe different coordinates. ``reset_moments_on_refresh`` (default True) does
 refresh: the SVD re-orders, rotates and sign-flips the basis columns that rows of A / columns of B are
 paired with, so old moments point in the wrong coordinates, while Adam restarts cleanly from empty state.
 Set it to False to keep momentum across refreshes when they are frequent and the bases move little.
-(Sharded optimisers such as FSDP's keep state under other keys; there the reset is not applied.)
+
+Multi-device: under DDP every rank holds identical factors and computes identical bases. Under FSDP2 the
+factors are DTensor shards: rebalance/refresh run on the whole matrices gathered on every rank
+(``lora_lightning.distributed.full_params``) and each rank writes its shard back; the bases are plain
+(replicated) buffers, identical on every rank; the optimiser state is keyed by the same parameter objects,
+so the moment reset applies too. FSDP1's flattened shards are refused (use FSDP2 or DDP).
 
 Logging goes straight to ``trainer.loggers`` at the refresh steps only (as Lightning's
 LearningRateMonitor does): a value given to ``pl_module.log`` in a callback is re-sent by Lightning at
@@ -37,6 +42,7 @@ import lightning.pytorch as pl
 import torch
 
 from ..adapters.sds import SDSLayer
+from ..distributed import check_not_flat_sharded, full_params
 from ..inject import adapter_layers
 
 
@@ -90,12 +96,14 @@ class SDSReorthonormalization(pl.Callback):
         if not warming or trainer.global_step < self.warmup_steps:
             return False
         for layer in warming:
-            layer.rebalance()
+            with full_params(layer):
+                layer.rebalance()
         reset_moments(trainer, warming)
         return True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         layers = self._layers(pl_module)
+        check_not_flat_sharded(pl_module, "SDSReorthonormalization")
         self._last_step = trainer.global_step
         self._rebalance_due(trainer, layers)
 
@@ -112,7 +120,11 @@ class SDSReorthonormalization(pl.Callback):
         since = step - self.warmup_steps
         if not self.refresh_every or since <= 0 or since % self.refresh_every:
             return
-        errors = torch.stack([layer.refresh().float() for layer in layers])
+        errors = []
+        for layer in layers:
+            with full_params(layer):
+                errors.append(layer.refresh().float())
+        errors = torch.stack(errors)
         if self.reset_moments_on_refresh:
             reset_moments(trainer, layers)
         self.last_truncation_errors = errors
