@@ -13,13 +13,7 @@ from torch import Tensor, nn
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters, injected_config
 
-try:  # sharded (FSDP2 / tensor-parallel) parameters; public since torch 2.5
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch 2.4, or a build without torch.distributed
-    try:
-        from torch.distributed._tensor import DTensor
-    except ImportError:
-        DTensor = ()  # isinstance(x, ()) is always False
+from torch.distributed.tensor import DTensor, distribute_tensor  # sharded (FSDP2) parameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -128,8 +122,6 @@ def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False
         for k, v in expected.items():
             src = loaded[k].to(v.dtype)
             if isinstance(v, DTensor):  # every rank read the whole file: keep this rank's shard
-                from torch.distributed.tensor import distribute_tensor
-
                 src = distribute_tensor(src, v.device_mesh, v.placements, src_data_rank=None)
             v.copy_(src)
     return model
