@@ -21,7 +21,8 @@ Each process runs ``--warmup`` untimed steps, then ``--steps`` timed ones, and r
 * on CPU, the bytes held for backward = RSS growth over the forward (RSS after the loss, graph alive,
   minus RSS before), with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so freed blocks go
   back to the OS and RSS tracks live memory; and the bytes autograd saves for backward (a
-  ``saved_tensors_hooks`` count, one extra untimed step); peak RSS of the process (``ru_maxrss``);
+  ``saved_tensors_hooks`` count, one extra untimed step); the peak RSS over the timed steps (VmHWM, reset
+  after warm-up through ``/proc/self/clear_refs``, so building the model does not count);
 * on CUDA, peak allocated memory (``torch.cuda.max_memory_allocated``) and the allocated growth over
   the forward.
 """
@@ -92,6 +93,25 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM: the peak RSS since the last ``reset_peak_rss`` (else since the start), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 @contextmanager
 def saved_bytes(counter: list[int]):
     """Count the bytes autograd saves for backward (distinct storages)."""
@@ -155,11 +175,13 @@ def measure(args) -> dict:
         step()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()  # the peak of the training steps, not of building the model
     held: list[int] = []
     times = [step(held=held) for _ in range(args.steps)]
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     saved = [0]
     step(saved=saved)
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"variant": args.variant, "times": times, "held": statistics.median(held), "saved": saved[0],
             "peak": peak, "trainable": sum(p.numel() for p in params),
             "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
