@@ -114,6 +114,18 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().clone() for k, v in adapter_state_dict(model).items()}
 
 
+def sharded_bert():
+    """A tiny BERT with trained-looking DoRA adapters (the same on every rank: seeded), to be sharded."""
+    from tiny_models import randomize_adapters, tiny_bert
+
+    from lora_lightning import inject_adapters
+
+    model = tiny_bert()
+    inject_adapters(model, AdapterConfig(method="dora", r=2, target_modules=["query", "value", "dense"]), verbose=False)
+    randomize_adapters(model, seed=0)
+    return model
+
+
 # -- the worker ---------------------------------------------------------------------------------------------
 def strategy_from(config: str):
     """(a function making a fresh strategy, devices) from the trainer section of configs/<config>."""
@@ -195,6 +207,12 @@ def worker(kind: str, out: Path) -> None:
     mod = module("sds")
     t.fit(mod, train_dataloaders=loader(BATCH // WORLD, "sds"), ckpt_path=out / f"{kind}_ckpt" / "step=3.ckpt")
     results["resumed"] = {"state": full_state(mod.model), "global_step": t.global_step}
+    if kind == "fsdp":  # a transformers model sharded by hand: merged export through save_pretrained on rank 0
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lora_lightning.distributed import shard_adapters
+
+        export_merged(shard_adapters(sharded_bert(), init_device_mesh("cpu", (WORLD,))), out / "fsdp_bert_merged")
     results["writes"] = writes[0]
     results["export_writes"] = export_writes[0]
     torch.save(results, out / f"{kind}_rank{t.global_rank}.pt")
@@ -405,6 +423,19 @@ def test_peft_and_merged_exports_written_once_and_equal_to_one_process(kind, ref
             torch.testing.assert_close(merged[f"{name}.weight"].to(weight.dtype), weight, rtol=0, atol=tol(method))
         torch.testing.assert_close(merged["classifier.weight"], ref["state"]["classifier.weight"], rtol=0,
                                    atol=tol(method))  # fmt: skip
+
+
+@pytest.mark.multiprocess
+def test_export_merged_of_a_sharded_transformers_model_reloads_with_the_same_logits(fsdp):
+    from tiny_models import token_batch
+    from transformers import AutoModelForSequenceClassification
+
+    batch = token_batch()
+    with torch.no_grad():
+        want = sharded_bert()(**batch).logits  # the same model, unsharded, in this process
+        got = AutoModelForSequenceClassification.from_pretrained(fsdp["out"] / "fsdp_bert_merged")(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (fsdp["ranks"][0]["export_writes"], fsdp["ranks"][1]["export_writes"]) == (2 * len(METHODS), 0)
 
 
 @pytest.mark.multiprocess
