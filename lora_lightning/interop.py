@@ -77,7 +77,11 @@ PEFT_FORMS = {"lora": LoRALayer, "dora": DoRALayer, "lora_2r": SDSLayer}
 MERGED_WEIGHTS = "model.safetensors"
 
 # modules PEFT adds to modules_to_save by itself for a task type (PeftModelForSequenceClassification ...)
-PEFT_AUTO_SAVED = {"SEQ_CLS": ["classifier", "score"], "TOKEN_CLS": ["classifier", "score"], "QUESTION_ANS": ["qa_outputs"]}
+PEFT_AUTO_SAVED = {
+    "SEQ_CLS": ["classifier", "score"],
+    "TOKEN_CLS": ["classifier", "score"],
+    "QUESTION_ANS": ["qa_outputs"],
+}
 
 # adapter_config.json keys the importer reads or that do not change the adapter's function
 PEFT_KEYS_READ = {
@@ -119,7 +123,8 @@ def _task_type(model: nn.Module) -> Optional[str]:
 
 
 def _name_or_path(model: nn.Module) -> Optional[str]:
-    return getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = getattr(model, "config", None)
+    return getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
 
 
 def _peft_saved(names: list[str], spec: list[str]) -> set[str]:
@@ -128,7 +133,8 @@ def _peft_saved(names: list[str], spec: list[str]) -> set[str]:
 
 
 def _peft_guarded(name: str, spec: list[str]) -> bool:
-    """Whether PEFT keeps LoRA off ``name`` because it is (inside) a modules_to_save match."""
+    """Whether PEFT keeps LoRA off ``name`` because it is (inside) a modules_to_save match (PEFT's own regex,
+    entries unescaped, as ``check_target_module_exists`` writes it)."""
     return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in spec)
 
 
@@ -182,8 +188,10 @@ def _peft_alpha(config: AdapterConfig, rank: int) -> tuple[float, bool]:
 
 def _layer_tensors(layer: AdapterLayer, form: str) -> dict[str, Tensor]:
     """One layer's tensors under PEFT's names (without the module prefix) and in PEFT's shapes."""
-    if not isinstance(layer, PEFT_FORMS[form]):
-        raise TypeError(f"PEFT form {form!r} needs a {PEFT_FORMS[form].__name__}, got {type(layer).__name__}")
+    cls = PEFT_FORMS[form]
+    more_specific = [o for o in PEFT_FORMS.values() if o is not cls and issubclass(o, cls)]  # lora: not DoRA/SDS
+    if not isinstance(layer, cls) or any(isinstance(layer, o) for o in more_specific):
+        raise TypeError(f"PEFT form {form!r} needs a {cls.__name__}, got a {type(layer).__name__}: fix its registration")
     down, up = export_as_lora(layer) if form == "lora_2r" else (layer.lora_A, layer.lora_B)
     out = {"lora_A.weight": down, "lora_B.weight": up}
     if form == "dora":
@@ -367,7 +375,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = 
     cfg = read_peft_config(path)
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
-        pickled = " (only adapter_model.bin, a pickle, which is never loaded)" if (path / "adapter_model.bin").exists() else ""
+        pickled = (path / "adapter_model.bin").exists()
+        pickled = " (only adapter_model.bin, a pickle, which is never loaded)" if pickled else ""
         raise FileNotFoundError(
             f"{weights} not found{pickled}; re-save the adapter as safetensors with PEFT: "
             "PeftModel.from_pretrained(base, dir).save_pretrained(out_dir) (safe_serialization=True, PEFT's default)"
@@ -419,13 +428,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = 
         )
     loaded = dict(other)
     for name, f in factors.items():
-        layer = adapter_layers(model)[name]
         loaded[f"{name}.lora_A"] = f["lora_A"].reshape(r, -1)
         loaded[f"{name}.lora_B"] = f["lora_B"].reshape(f["lora_B"].shape[0], -1)
         if dora:
             loaded[f"{name}.magnitude"] = f["magnitude"].reshape(-1)
-        if not isinstance(layer, LoRALayer):
-            raise TypeError(f"{name} is a {type(layer).__name__}; PEFT LoRA factors load into LoRA layers only")
     copy_adapter_state(model, loaded, path)
     return model
 
@@ -502,8 +508,9 @@ def export_merged(model: nn.Module, path: Union[str, Path], preprocessor: Any = 
     """Write ``model`` with every adapter merged (W0 + ΔW; DoRA: m ⊙ (W0 + s·B·A)/‖·‖) and without adapter
     wrappers, as its library saves it, so it loads with no lora_lightning installed:
 
-        transformers  ``save_pretrained`` (safetensors, config) + the tokenizer / image processor (``preprocessor``,
-                      else the one found locally at the model's ``name_or_path``): ``AutoModelFor….from_pretrained(path)``
+        transformers  ``save_pretrained`` (safetensors, config) + the tokenizer / image processor
+                      (``preprocessor``, else the one found locally at the model's ``name_or_path``):
+                      ``AutoModelFor….from_pretrained(path)``
         timm          ``model.safetensors`` + timm's ``config.json`` (architecture, num_classes, pretrained_cfg):
                       ``timm.create_model("local-dir:" + path, pretrained=True)``, or
                       ``timm.create_model(arch, pretrained=True, num_classes=n,

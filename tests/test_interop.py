@@ -55,8 +55,9 @@ def trained(base, method: str, placement: dict, seed: int = 0):
                     p.add_(torch.randn(p.shape, generator=g) * 0.05)
             if hasattr(layer, "magnitude"):
                 layer.magnitude.mul_(1 + 0.1 * torch.randn(layer.magnitude.shape, generator=g))
+        adapter_ids = {id(q) for layer in adapter_layers(model).values() for q in layer.parameters()}
         for p in model.parameters():
-            if p.requires_grad and not any(p is q for layer in adapter_layers(model).values() for q in layer.parameters()):
+            if p.requires_grad and id(p) not in adapter_ids:
                 p.add_(torch.randn(p.shape, generator=g) * 0.05)  # modules_to_save
     return model
 
@@ -142,15 +143,22 @@ def _metadata(path):
 
 
 def test_a_method_without_a_peft_form_is_refused_naming_export_merged(tmp_path):
+    from lora_lightning.adapters import DoRALayer
+
     register_method("no_peft_form", AdapterMethod(LoRALayer, "lora", "test only"))
+    register_method("wrong_peft_form", AdapterMethod(DoRALayer, "lora", "test only", peft="lora"))  # m would be lost
     try:
         model = tiny_convnet()
         inject_adapters(model, AdapterConfig(method="no_peft_form", target_modules=["conv1"]), verbose=False)
         with pytest.raises(ValueError, match=r"export_merged\(model, dir\)"):
             save_adapter(model, tmp_path, format="peft")
         assert not (tmp_path / "adapter_config.json").exists()
+        model = tiny_convnet()
+        inject_adapters(model, AdapterConfig(method="wrong_peft_form", target_modules=["conv1"]), verbose=False)
+        with pytest.raises(TypeError, match="needs a LoRALayer, got a DoRALayer"):
+            save_adapter(model, tmp_path, format="peft")
     finally:
-        del ADAPTER_METHODS["no_peft_form"]
+        del ADAPTER_METHODS["no_peft_form"], ADAPTER_METHODS["wrong_peft_form"]
 
 
 # -- import: adapters written by PEFT itself ------------------------------------------------------------------------
@@ -170,7 +178,7 @@ def peft_written(model_name: str, kind: str, path):
     )  # fmt: skip
     theirs = get_peft_model(copy.deepcopy(base), peft_cfg)
     with torch.no_grad():
-        for name, p in theirs.named_parameters():
+        for p in theirs.parameters():
             if p.requires_grad:  # move magnitudes and saved modules too, not only A and B
                 p.add_(torch.randn_like(p) * 0.05)
     theirs.save_pretrained(path)
@@ -184,9 +192,8 @@ def test_load_adapter_reads_what_peft_writes(kind, model_name, tmp_path):
     run = MODELS[model_name][2]
     ours = load_adapter(copy.deepcopy(base), tmp_path)
     layers = adapter_layers(ours)
-    assert len(layers) == (2 if model_name == "convnet" else 4) and {type(layer).__name__ for layer in layers.values()} == {
-        "DoRALayer" if kind == "dora" else "LoRALayer"
-    }
+    assert len(layers) == (2 if model_name == "convnet" else 4)
+    assert {type(layer).__name__ for layer in layers.values()} == {"DoRALayer" if kind == "dora" else "LoRALayer"}
     assert all(layer.scaling == pytest.approx(5 / 2 ** (0.5 if kind == "rslora" else 1)) for layer in layers.values())
     with torch.no_grad():
         want = run(theirs)

@@ -236,7 +236,8 @@ def test_adapter_checkpoint_in_peft_format_loads_in_peft(tmp_path):
     from peft import PeftModel
 
     module = PlainUserModule()
-    cpu_trainer(max_steps=3, callbacks=[AdapterCheckpoint(dirpath=tmp_path, format="peft")]).fit(module, tensor_loader())
+    callback = AdapterCheckpoint(dirpath=tmp_path, format="peft")
+    cpu_trainer(max_steps=3, callbacks=[callback]).fit(module, tensor_loader())
     theirs = PeftModel.from_pretrained(tiny_net(), tmp_path / "last")
     x = torch.randn(5, 16)
     with torch.no_grad():
