@@ -10,7 +10,7 @@ from .inject import (
     merge_adapters,
     unmerge_adapters,
 )
-from .state import adapter_state_dict, load_adapter, save_adapter
+from .state import adapter_state_dict, load_adapter, read_adapter_labels, save_adapter
 
 __version__ = "0.1.0"
 
@@ -37,6 +37,7 @@ __all__ = [
     "inject_adapters",
     "load_adapter",
     "merge_adapters",
+    "read_adapter_labels",
     "register_method",
     "save_adapter",
     "scaling_for",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -48,9 +48,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
+def save_adapter(model: nn.Module, path: Union[str, Path], labels: Optional[Sequence[str]] = None) -> Path:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (method, r, alpha, the
-    scaling rule and the effective scale, exact target names). Returns the directory.
+    scaling rule and the effective scale, exact target names; ``labels``: the class names by id of the trained
+    head, read back with ``read_adapter_labels``). Returns the directory.
 
     Under ``torch.distributed`` only global rank 0 writes. Sharded (FSDP2 DTensor) tensors are gathered
     whole first, which is a collective: then every rank must call ``save_adapter`` (rank 0 writes the whole
@@ -69,21 +70,32 @@ def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
+        if labels is not None:
+            meta["labels"] = [str(name) for name in labels]
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if sharded:
         torch.distributed.barrier()
     return path
 
 
-def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
-    """The AdapterConfig saved in an adapter directory."""
+def _read_meta(path: Union[str, Path]) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: save_adapter(model, {str(path)!r}) writes it")
     meta = json.loads(file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{file} is not a lora_lightning adapter config (format={meta.get('format')!r})")
-    return AdapterConfig.from_dict(meta["adapter"])
+    return meta
+
+
+def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
+    """The AdapterConfig saved in an adapter directory."""
+    return AdapterConfig.from_dict(_read_meta(path)["adapter"])
+
+
+def read_adapter_labels(path: Union[str, Path]) -> Optional[list[str]]:
+    """The class names by id saved with an adapter (``save_adapter(..., labels=...)``); None if none were."""
+    return _read_meta(path).get("labels")
 
 
 def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False) -> nn.Module:
