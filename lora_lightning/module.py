@@ -131,6 +131,7 @@ class LoRAModule(LightningModule):
         object.__setattr__(self, "_backbone_spec", backbone)  # a module instance becomes self.model later
         self.model: Optional[nn.Module] = None
         self.label_names: Optional[list[str]] = None  # class names by id (module docstring)
+        self._final_line: Optional[str] = None  # printed at teardown, after the progress bar
         self.strict_loading = False  # checkpoints hold adapter + head tensors only
 
         ignore = ["adapter"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
@@ -258,9 +259,8 @@ class LoRAModule(LightningModule):
     def teardown(self, stage: str) -> None:
         """Print the final validation metrics after the progress bar has closed (its callback's teardown runs
         before the module's), so they are the last line of the run."""
-        line = getattr(self, "_final_line", None)
-        if stage == "fit" and line and self.global_rank == 0:
-            print(line)
+        if stage == "fit" and self._final_line and self.global_rank == 0:
+            print(self._final_line)
         self._final_line = None
 
     # -- optimisation -----------------------------------------------------------------------------

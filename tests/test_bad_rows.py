@@ -12,8 +12,13 @@ from conftest import SENTENCES, TINY_TIMM, cpu_trainer, write_tsv
 from datasets import ClassLabel, Dataset, Features, Image, Value
 from transformers import AutoTokenizer
 
-from lora_lightning.data import BadDataError, BadRowsWarning, ImageClassificationDataModule
-from lora_lightning.data import TextClassificationDataModule, filter_bad_rows
+from lora_lightning.data import (
+    BadDataError,
+    BadRowsWarning,
+    ImageClassificationDataModule,
+    TextClassificationDataModule,
+    filter_bad_rows,
+)
 
 NAMES = {1: "positive", 0: "negative"}
 
@@ -241,3 +246,10 @@ def test_cli_reports_a_bad_data_file_in_one_line(tiny_bert_dir, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert str(exit_info.value.code).startswith(f"lora-lightning: {path}: 1 of 4 rows with a missing or empty")
+
+
+def test_a_file_that_cannot_be_parsed_names_the_file_and_the_line(tiny_bert_dir, tmp_path):
+    path = tmp_path / "reviews.tsv"
+    path.write_text("label\tsentence\n1\ta good film\n0\tbad\tstray field\n")
+    with pytest.raises(BadDataError, match=rf"^{path} cannot be read as tsv: ParserError: .*Expected 2 fields in line 3"):
+        _dm(tiny_bert_dir, path, num_classes=2)

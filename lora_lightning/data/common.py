@@ -108,7 +108,7 @@ class SplitDataModule(LightningDataModule):
         against every training label and ``num_classes``."""
         h = self.hparams
         if label_column not in train.column_names:
-            raise ValueError(
+            raise BadDataError(
                 f"{source}: label column {label_column!r} not found; columns: {', '.join(train.column_names)} "
                 "(set data.label_column)"
             )

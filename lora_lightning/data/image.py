@@ -15,7 +15,7 @@ names, or sorted strings), which is saved with the checkpoint and adapter files.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch.utils.data import TensorDataset
 from ..backbones import image_data_config
 from .common import SplitDataModule, load_any, pick_splits, seeded_subset
 from .labels import encode_labels, label_values
-from .rows import check_policy, filter_bad_rows
+from .rows import BadDataError, check_policy, filter_bad_rows
 
 DIGITS = "digits"
 
@@ -96,7 +96,7 @@ class ImageClassificationDataModule(SplitDataModule):
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
-        labels: Optional[list[str]] = None,
+        labels: Optional[list[Union[str, int]]] = None,
         on_bad_rows: str = "drop",
         num_classes: Optional[int] = None,
     ) -> None:
@@ -125,7 +125,7 @@ class ImageClassificationDataModule(SplitDataModule):
         for name, ds in splits.items():
             for col in (image_col, label_col):
                 if col not in ds.features:
-                    raise ValueError(f"{sources[name]}: column {col!r} not found; columns: {', '.join(ds.features)} "
+                    raise BadDataError(f"{sources[name]}: column {col!r} not found; columns: {', '.join(ds.features)} "
                                      "(set data.image_column / data.label_column)")
             splits[name] = filter_bad_rows(ds, [image_col, label_col], sources[name], h.on_bad_rows)
         picked = pick_splits(splits, h.train_split, h.val_split, h.test_split, h.val_fraction, h.seed)

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 from ..backbones import load_tokenizer
 from .common import SplitDataModule, load_any, load_files, pick_splits, seeded_subset
 from .labels import encode_labels, label_values
-from .rows import check_policy, filter_bad_rows
+from .rows import BadDataError, check_policy, filter_bad_rows
 
 
 class TextClassificationDataModule(SplitDataModule):
@@ -49,7 +49,7 @@ class TextClassificationDataModule(SplitDataModule):
         test_file: Optional[str] = None,
         text_columns: Union[str, list[str]] = "sentence",
         label_column: str = "label",
-        labels: Optional[list[str]] = None,
+        labels: Optional[list[Union[str, int]]] = None,
         on_bad_rows: str = "drop",
         train_split: str = "train",
         val_split: Optional[str] = None,
@@ -93,7 +93,7 @@ class TextClassificationDataModule(SplitDataModule):
         for name, ds in splits.items():
             missing = [c for c in self.text_columns if c not in ds.column_names]
             if missing:
-                raise ValueError(
+                raise BadDataError(
                     f"{sources[name]}: text column {missing[0]!r} not found; columns: {', '.join(ds.column_names)} "
                     "(set data.text_columns)"
                 )
