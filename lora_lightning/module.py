@@ -17,6 +17,12 @@ Checkpoints hold only ``adapter_state_dict`` of the backbone (adapter tensors + 
 frozen base is rebuilt from the spec in ``configure_model`` (seeded by ``init_seed``, so even a randomly
 initialised base is the same one every time).
 
+Class names: ``label_names`` (id → name) comes from the datamodule's label vocabulary at setup
+(``lora_lightning.data.labels``) and is saved in checkpoints; a model that already has one (restored from a
+checkpoint) hands it to the datamodule instead, so validate/test/predict use the ids it was trained with.
+``predict_step`` returns names when they are known. AdapterCheckpoint writes them into adapter_config.json, and a
+transformers backbone gets them as ``config.id2label``.
+
 Multi-device: DDP works as is (``trainer.strategy: ddp``). Under Lightning's ``ModelParallelStrategy``
 (tensor_parallel_size=1) ``configure_model`` shards the backbone with FSDP2 (``shard_adapters``: adapters,
 frozen bases and trained modules in separate units); ``init_seed`` makes every rank start from the same
@@ -124,6 +130,8 @@ class LoRAModule(LightningModule):
         self.init_seed = init_seed if init_seed is not None else torch.initial_seed() % 2**31
         object.__setattr__(self, "_backbone_spec", backbone)  # a module instance becomes self.model later
         self.model: Optional[nn.Module] = None
+        self.label_names: Optional[list[str]] = None  # class names by id (module docstring)
+        self._final_line: Optional[str] = None  # printed at teardown, after the progress bar
         self.strict_loading = False  # checkpoints hold adapter + head tensors only
 
         ignore = ["adapter"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
@@ -149,6 +157,39 @@ class LoRAModule(LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
         self.model = model
+        self._name_classes()
+
+    # -- class names ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Agree on class names with the datamodule (module docstring): the model's own win, else the data's."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "label_names"):
+            return
+        if self.label_names is not None and hasattr(datamodule, "set_label_names"):
+            datamodule.set_label_names(self.label_names)
+        elif datamodule.label_names is not None:
+            self.label_names = list(datamodule.label_names)
+            self._name_classes()
+
+    def _name_classes(self) -> None:
+        names = self.label_names
+        if names is not None and len(names) != self.hparams.num_classes:
+            raise ValueError(
+                f"{len(names)} class names {names} but num_classes={self.hparams.num_classes}: make them agree"
+            )
+        config = getattr(self.model, "config", None)
+        if names is not None and hasattr(config, "id2label"):  # transformers: carried by save_pretrained exports
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.label_names is not None:
+            checkpoint["label_names"] = list(self.label_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("label_names") is not None:
+            self.label_names = list(checkpoint["label_names"])
+            self._name_classes()
 
     def forward(self, batch: Any) -> Tensor:
         return self.task.step(self.model, batch)[0]
@@ -205,15 +246,22 @@ class LoRAModule(LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Predicted class ids."""
-        return self(batch).argmax(-1)
+    def predict_step(self, batch: Any, batch_idx: int) -> Union[Tensor, list[str]]:
+        """Predicted classes: their names when ``label_names`` is known, else their ids."""
+        ids = self(batch).argmax(-1)
+        return [self.label_names[i] for i in ids.tolist()] if self.label_names is not None else ids
 
     def on_fit_end(self) -> None:
         metrics = self.trainer.callback_metrics
-        if self.global_rank == 0 and "val_acc" in metrics:
-            f1 = f" val_f1={float(metrics['val_f1']):.4f}" if "val_f1" in metrics else ""
-            print(f"final validation (step {self.global_step}): val_acc={float(metrics['val_acc']):.4f}{f1}")
+        values = " ".join(f"{k}={float(metrics[k]):.4f}" for k in sorted(metrics) if k.startswith("val_"))
+        self._final_line = f"final validation (step {self.global_step}): {values}" if values else None
+
+    def teardown(self, stage: str) -> None:
+        """Print the final validation metrics after the progress bar has closed (its callback's teardown runs
+        before the module's), so they are the last line of the run."""
+        if stage == "fit" and self._final_line and self.global_rank == 0:
+            print(self._final_line)
+        self._final_line = None
 
     # -- optimisation -----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
