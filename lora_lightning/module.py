@@ -101,6 +101,9 @@ class LoRAModule(LightningModule):
         betas: AdamW betas.
         init_seed: seed for building the backbone and the adapter init (None = the global seed at
             construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
+        compile: ``torch.compile`` the adapted backbone in place (``nn.Module.compile``: state dict keys
+            unchanged) after injection and sharding. The adapter layers, the fused Functions and the patched
+            gated MLPs trace without graph breaks.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class LoRAModule(LightningModule):
         min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_seed: Optional[int] = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -163,6 +167,8 @@ class LoRAModule(LightningModule):
             print(report)
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
+        if self.hparams.get("compile", False):
+            model.compile()
         self.model = model
 
     def forward(self, batch: Any) -> Tensor:
