@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from synth_utils import DOCS, adapted_layer, delta, mse, sds_schedule, train
@@ -135,9 +135,11 @@ def fmt(entry: dict, cap: int) -> str:
     return f"{mean:.0f} ± {std:.0f}{miss} (lr {entry['lr']:g})"
 
 
-def variants_table(opt_name: str, kappas: tuple[int, ...], seeds: list[int], cap: int) -> dict:
-    """The SDS options (``VARIANTS``) at each κ, best LR each; plain GD skips the moment options (no moments)."""
-    chosen = [v for v in VARIANTS if opt_name == "Adam" or not v.reset]
+def variants_table(opt_name: str, kappas: tuple[int, ...], seeds: list[int], cap: int,
+                   only: Optional[list[int]] = None) -> dict:
+    """The SDS options (``VARIANTS``, or those numbered in ``only``) at each κ, best LR each; plain GD skips the
+    moment options (no moments)."""
+    chosen = [v for i, v in enumerate(VARIANTS) if (opt_name == "Adam" or not v.reset) and (not only or i in only)]
     print(f"\nSDS-LoRA options, {opt_name}: steps to ‖ΔW−ΔW*‖_F ≤ 0.1·σ_min (best LR of {LRS[opt_name]}; "
           f"cap {cap}; mean ± std over {len(seeds)} seeds)")
     print("| refresh, schedule, moments, scale | " + " | ".join(f"κ = {k}" for k in kappas) + " |")
@@ -158,8 +160,10 @@ def plot_variants(results: dict, kappas: tuple[int, ...], cap: int, path: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, opt_name in zip(axes, ("GD", "Adam")):
+    optimisers = list(dict.fromkeys(o for (o, _, _) in results))
+    fig, axes = plt.subplots(1, len(optimisers), figsize=(6 * len(optimisers), 4.5), sharey=True, squeeze=False)
+    axes = axes[0]
+    for ax, opt_name in zip(axes, optimisers):
         labels = dict.fromkeys(label for (o, label, _) in results if o == opt_name)
         for label in labels:
             ys = [results[(opt_name, label, k)]["score"] for k in kappas]
@@ -167,7 +171,7 @@ def plot_variants(results: dict, kappas: tuple[int, ...], cap: int, path: str) -
         ax.axhline(cap, color="grey", lw=0.8, ls="--")
         ax.set(xscale="log", yscale="log", xlabel="κ = σ_max/σ_min of ΔW*", title=f"SDS-LoRA options, {opt_name}")
     axes[0].set_ylabel(f"mean steps to target (unreached = cap {cap})")
-    axes[1].legend(fontsize=6)
+    axes[-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -181,6 +185,7 @@ def main() -> None:
     p.add_argument("--variant-cap", type=int, default=1500, help="step budget per run (SDS options table)")
     p.add_argument("--variant-kappas", default="1,100", help="κ of the SDS options table")
     p.add_argument("--optimisers", default="Adam", help="optimisers of the SDS options table (GD,Adam)")
+    p.add_argument("--variants", help="indices into VARIANTS to run (default: all), e.g. 0,2")
     p.add_argument("--methods", default="full,lora,sds", help="columns of the main table")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--plot", default=str(DOCS / "ill_conditioned.png"))
@@ -193,9 +198,11 @@ def main() -> None:
         kappas = tuple(int(k) for k in args.variant_kappas.split(","))
         found = {}
         for opt_name in args.optimisers.split(","):
-            for (label, kappa), entry in variants_table(opt_name, kappas, seeds, args.variant_cap).items():
+            only = [int(i) for i in args.variants.split(",")] if args.variants else None
+            for (label, kappa), entry in variants_table(opt_name, kappas, seeds, args.variant_cap, only).items():
                 found[(opt_name, label, kappa)] = entry
-        plot_variants(found, kappas, args.variant_cap, args.variants_plot)
+        if not args.variants:
+            plot_variants(found, kappas, args.variant_cap, args.variants_plot)
     if args.part == "variants":
         return
 

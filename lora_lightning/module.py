@@ -9,10 +9,12 @@ head), never to biases or norm weights (1-D tensors), in one of two modes (``wei
                                    before Adam's moments (torch.optim.Adam's weight_decay)
 
 Only the coupled mode trains the objective of the loss-landscape theory (Kim, Kim & Ryu 2025, arXiv
-2502.09376): with ΔW = s·B·A, min over the factorisations of λ/2·(‖A‖²+‖B‖²) = (λ/s)·‖ΔW‖_*, so L2 on the
-factors is a nuclear-norm penalty on ΔW with weight λ/s (λ·‖B·A‖_* at s = 1). AdamW's decoupled decay
+2502.09376, which uses the variational form ‖M‖_* = min over B·A = M of ½(‖A‖²+‖B‖²), Srebro, Rennie &
+Jaakkola 2005): with ΔW = s·B·A, min over the factorisations of λ/2·(‖A‖²+‖B‖²) = (λ/s)·‖ΔW‖_*, so L2 on
+the factors is a nuclear-norm penalty on ΔW with weight λ/s (λ·‖B·A‖_* at s = 1). AdamW's decoupled decay
 shrinks the factors outside the gradient and is not a penalty in the loss; the equivalence does not apply
-to it (it still biases toward small factors, measured in docs/results.md §1).
+to it (it still biases toward small factors, measured in docs/results.md §1). Decoupled as the default is
+[ours] (the common practice for LoRA fine-tuning).
 
 Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with w warm-up steps of T:
 

@@ -1,5 +1,11 @@
 """SDS-LoRA: LoRA whose factor gradients do not see the factors' singular values (arXiv 2606.16454).
 
+Sources: the claim (LoRA's factor gradients are weighted by the other factor's singular values; SDS-LoRA lets
+the gradient reach the factors only through orthonormal bases) is the paper's abstract [paper]. The
+parameterisation below and the warm-up/rebalance are our reading of it [reading]; the truncating refresh is
+[ours]; the re-orthonormalise-only refresh is what one third-party implementation does [reading] (tags as in
+../shared/METHODS.md). The paper's text available to us gives no equations or listing for any of them.
+
 Plain LoRA (ΔW = s·B·A) has ∂L/∂A = s·Bᵀ·G and ∂L/∂B = s·G·Aᵀ (G = ∂L/∂W): the gradient of each factor
 is weighted by the other factor's singular values. SDS-LoRA keeps detached orthonormal bases
 Q_B ∈ R^{out×r} (of B's column space) and Q_A ∈ R^{in×r} (of A's row space) as buffers and uses
