@@ -116,7 +116,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             "checkpointing; set it to false (in your own module, wrap blocks in torch.utils.checkpoint.checkpoint "
             "with use_reentrant=False)"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers ≥ 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
 

@@ -9,7 +9,7 @@ transformers builds the block-diagonal causal mask from the positions, see ``lor
 Loss. Position t predicts token t+1: with ℓ_t = −log softmax(z_t)[y_{t+1}] and the target set
 S = {t : labels[t+1] ≠ −100}, a batch contributes loss_sum = Σ_{t∈S} ℓ_t and n_targets = |S|; LoRAModule
 divides the step's summed gradients by the step's total |S| over all micro-batches and devices. Only the
-logits at target positions are gathered and upcast to float32 (the prompt's are never materialised twice).
+logits at target positions are gathered and upcast to (at least) float32 (the prompt's are never materialised twice).
 
 Metrics (torchmetrics, summed over the whole split and across devices, then divided):
     val_loss       mean ℓ over target tokens (logged by LoRAModule, weighted by n_targets)
@@ -129,7 +129,8 @@ class CausalLM(Task):
         logits = out if isinstance(out, Tensor) else out.logits
         labels = batch["labels"][:, 1:]
         targets = labels != IGNORE_INDEX
-        z = logits[:, :-1][targets].float()  # (n_targets, vocab): only the positions that are scored
+        z = logits[:, :-1][targets]  # (n_targets, vocab): only the positions that are scored
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
         y = labels[targets]
         loss_sum = F.cross_entropy(z, y, reduction="sum")
         n = targets.sum()
