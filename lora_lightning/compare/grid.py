@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-MIN_METRICS = re.compile(r".*(loss|mse|mae|err|perplexity).*")
+MIN_METRICS = re.compile(r".*(loss|mse|mae|err|perplexity|ppl).*")
 AXES = ("r", "alpha", "C", "lr")
 
 

@@ -1,7 +1,8 @@
 """Bad rows: one shared policy for every datamodule (drop with a counted warning | error).
 
 A row is *bad* when a column the task needs is missing or empty: null (an empty csv/tsv cell, a json null or
-absent key, a parquet / hub-dataset null), NaN, a string of only whitespace, or an empty list. Real data files
+absent key, a parquet / hub-dataset null), NaN, a string of only whitespace, or an empty list; or, for
+structured columns, when the datamodule's ``invalid(row)`` gives a reason (a chat turn without a role ...). Real data files
 have them, and a tokenizer or a collate function fed one fails far from the cause.
 
     policy "drop"  (default) remove them, with ONE ``BadRowsWarning`` per source naming the source, the count
@@ -19,7 +20,8 @@ Functions on ``datasets.Dataset``; the warning is issued on global rank 0 only (
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Callable
+from typing import Any, Optional, Sequence
 
 from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -80,7 +82,13 @@ def describe_rows(rows: Sequence[int]) -> str:
     return f"row{'s' if len(rows) > 1 else ''} {shown}{more}"
 
 
-def filter_bad_rows(ds: Dataset, columns: Sequence[str], source: str, policy: str = "drop") -> Dataset:
+def filter_bad_rows(
+    ds: Dataset,
+    columns: Sequence[str],
+    source: str,
+    policy: str = "drop",
+    invalid: Optional[Callable[[dict[str, Any]], Optional[str]]] = None,
+) -> Dataset:
     """``ds`` without the rows that have a missing or empty value in ``columns`` (module docstring).
 
     Args:
@@ -88,6 +96,7 @@ def filter_bad_rows(ds: Dataset, columns: Sequence[str], source: str, policy: st
         columns: the columns the task needs (text, label, image ...).
         source: what to call ``ds`` in messages: the file path, or ``"name[split]"`` for a hub dataset.
         policy: "drop" (warn once, with the count and the first row numbers) or "error" (``BadDataError``).
+        invalid: for structured columns, ``invalid(row) -> reason | None`` (rows not empty but unusable).
 
     Raises:
         BadDataError: policy "error" and bad rows present.
@@ -95,11 +104,21 @@ def filter_bad_rows(ds: Dataset, columns: Sequence[str], source: str, policy: st
     """
     check_policy(policy)
     rows = bad_rows(ds, columns)
+    names = " or ".join(repr(c) for c in columns)
+    what = f"a missing or empty {names}"
+    if invalid is not None:
+        empty = set(rows)
+        reasons = {}
+        for i, row in enumerate(ds.select_columns(list(columns))):
+            if i not in empty and (reason := invalid(row)):
+                reasons[i] = reason
+        if reasons:
+            rows = sorted(empty | set(reasons))
+            first = min(reasons)
+            what += f", or unusable (row {first + 1}: {reasons[first]})"
     if not rows:
         return ds
-    names = " or ".join(repr(c) for c in columns)
-    where = (f"{len(rows)} of {len(ds)} rows with a missing or empty {names} "
-             f"({describe_rows(rows)}; row 1 = the first data row)")
+    where = f"{len(rows)} of {len(ds)} rows with {what} ({describe_rows(rows)}; row 1 = the first data row)"
     if policy == "error":
         raise BadDataError(
             f"{source}: {where}. Fill them in or delete them, or set data.on_bad_rows: drop to skip them with a warning"
@@ -109,4 +128,12 @@ def filter_bad_rows(ds: Dataset, columns: Sequence[str], source: str, policy: st
     return ds.select([i for i in range(len(ds)) if i not in drop])
 
 
-__all__ = ["BAD_ROW_POLICIES", "BadDataError", "BadRowsWarning", "bad_rows", "check_policy", "filter_bad_rows"]
+__all__ = [
+    "BAD_ROW_POLICIES",
+    "BadDataError",
+    "BadRowsWarning",
+    "bad_rows",
+    "check_policy",
+    "filter_bad_rows",
+    "is_empty",
+]
