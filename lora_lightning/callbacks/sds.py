@@ -187,11 +187,6 @@ class SDSReorthonormalization(pl.Callback):
         self._last_step = -1
         self.last_changes: torch.Tensor | None = None  # per layer, ‖ΔW change‖_F of the latest refresh
 
-    @property
-    def last_truncation_errors(self) -> torch.Tensor | None:
-        """``last_changes`` under its earlier name (the truncating refresh's change is its truncation error)."""
-        return self.last_changes
-
     def _layers(self, pl_module: pl.LightningModule) -> list[SDSLayer]:
         layers = sds_layers(pl_module)
         if not layers:
