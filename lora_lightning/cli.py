@@ -20,6 +20,8 @@ from .callbacks import adapter_checkpoint as _ckpt  # noqa: F401 - same for Adap
 from .module import LoRAModule
 
 LINKS = (("model.backbone", "backbone"), ("model.num_classes", "num_classes"))
+# Checkpoints are written crash-safely (lora_lightning.checkpoint_io); a config's own trainer.plugins replace this.
+TRAINER_DEFAULTS = {"plugins": [{"class_path": "lora_lightning.checkpoint_io.AtomicCheckpointIO"}]}
 
 
 def _spec_or_none(value: Any) -> Optional[Any]:
@@ -49,6 +51,7 @@ def main(args: Optional[list[str]] = None) -> Optional[int]:
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults=TRAINER_DEFAULTS,
         args=args,
     )
 

@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .backbones import build_backbone, default_task
-from .callbacks import ALLoRARescaling, DropoutRemoval, SDSReorthonormalization
+from .callbacks import (
+    ALLoRARescaling,
+    DropoutRemoval,
+    GradientFlowCheck,
+    NonFiniteGuard,
+    SDSReorthonormalization,
+    SupervisionCheck,
+)
+from .callbacks.nonfinite import MODES as NONFINITE_MODES
 from .config import AdapterConfig
 from .distributed import shard_adapters
 from .inject import adapter_layers, inject_adapters
@@ -86,6 +94,11 @@ class LoRAModule(LightningModule):
         betas: AdamW betas.
         init_seed: seed for building the backbone and the adapter init (None = the global seed at
             construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
+        nonfinite: what a NaN/inf loss or gradient does: "stop" the run with an error naming the step (default),
+            "skip" the optimizer step, or "ignore" it (``NonFiniteGuard``, added unless the Trainer has one).
+        checks: catch runs that silently learn nothing: ``GradientFlowCheck`` (a trainable tensor without a
+            non-zero gradient in the first steps is an error) and ``SupervisionCheck`` (batches whose labels are
+            all -100 are counted and warned, an epoch of them is an error). Added unless the Trainer has them.
     """
 
     def __init__(
@@ -104,8 +117,12 @@ class LoRAModule(LightningModule):
         min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_seed: Optional[int] = None,
+        nonfinite: str = "stop",
+        checks: bool = True,
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={nonfinite!r}: choose one of {', '.join(NONFINITE_MODES)}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer ≥ 2 (got {num_classes!r})")
         decay_on = list(DECAY_GROUPS) if decay_on is None else list(decay_on)
@@ -270,10 +287,16 @@ class LoRAModule(LightningModule):
 
     # -- method callbacks -------------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """The callbacks ``METHOD_CALLBACKS`` lists for this method, minus types the Trainer already has."""
+        """The callbacks ``METHOD_CALLBACKS`` lists for this method and ``NonFiniteGuard(mode=nonfinite)``, minus
+        types the Trainer already has (the user's own settings win)."""
         present = list(self.trainer.callbacks) if self._trainer is not None else []
         needed = METHOD_CALLBACKS.get(self.adapter_config.method, [])
-        return [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
+        callbacks = [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
+        mode = self.hparams.get("nonfinite", "stop")
+        wanted = [NonFiniteGuard(mode=mode)] if mode != "ignore" else []
+        if self.hparams.get("checks", True):
+            wanted += [GradientFlowCheck(), SupervisionCheck()]
+        return callbacks + [cb for cb in wanted if not any(isinstance(p, type(cb)) for p in present)]
 
 
 __all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule"]

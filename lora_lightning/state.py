@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from .atomic import complete_directory, write_directory
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters, injected_config
 
@@ -48,31 +50,136 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (method, r, alpha, the
-    scaling rule and the effective scale, exact target names). Returns the directory.
-
-    Under ``torch.distributed`` only global rank 0 writes. Sharded (FSDP2 DTensor) tensors are gathered
-    whole first, which is a collective: then every rank must call ``save_adapter`` (rank 0 writes the whole
-    tensors, the others wait until the files exist). FSDP1's flattened shards are refused."""
+def gathered_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """``adapter_state_dict(model)`` as whole, contiguous CPU copies (FSDP2 shards gathered: a collective, every
+    rank must call it). FSDP1's flattened shards are refused."""
     if is_flat_sharded(model):
         raise RuntimeError(
             "save_adapter needs whole adapter tensors, but FSDP1 (FSDPStrategy) keeps them as flattened shards; "
             "shard with FSDP2 (Lightning's ModelParallelStrategy, see lora_lightning.distributed), or save from a "
             "full-state-dict checkpoint loaded into a single-process model"
         )
-    state = adapter_state_dict(model)
-    sharded = any(isinstance(v, DTensor) for v in state.values())
-    tensors = {k: full_tensor(v).detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    return {k: full_tensor(v).detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+
+
+def check_finite(tensors: dict[str, Tensor], path: Union[str, Path]) -> None:
+    """Raise ``ValueError`` naming every tensor that holds NaN/inf: a diverged run must not overwrite a good
+    adapter (``allow_nonfinite=True`` on the savers skips this check)."""
+    bad = {}
+    for k, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[k] = f"{k} ({n} of {t.numel()})"
+    if bad:
+        names = list(bad.values())
+        more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+        raise ValueError(
+            f"refusing to save {path}: {len(bad)} of {len(tensors)} adapter tensors hold NaN/inf values: "
+            f"{', '.join(names[:5])}{more}. The run diverged (try a lower learning rate, bf16/fp32 instead of "
+            "fp16, or look for a bad data row; NonFiniteGuard stops or skips such steps); the files already at "
+            f"{path} are left as they were. Pass allow_nonfinite=True to write them anyway."
+        )
+
+
+def adapter_files(tensors: dict[str, Tensor], config: AdapterConfig) -> dict[str, bytes]:
+    """The two files of an adapter directory, encoded: weights (safetensors) and config (JSON)."""
+    meta = {"format": FORMAT, "adapter": config.to_dict()}
+    return {
+        WEIGHTS_NAME: save(tensors, metadata={"format": FORMAT}),
+        CONFIG_NAME: json.dumps(meta, indent=2, sort_keys=True).encode(),
+    }
+
+
+def save_adapter(
+    model: nn.Module, path: Union[str, Path], allow_nonfinite: bool = False, verify: bool = False
+) -> Path:
+    """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json`` (method, r, alpha, the
+    scaling rule and the effective scale, exact target names). Returns the directory.
+
+    The directory is replaced as one unit (``lora_lightning.atomic.write_directory``): written complete beside
+    the old one, fsynced, swapped in by rename; a kill leaves the old or the new version, and a full disk
+    raises an ``OSError`` naming the file and the space needed, with the old version intact. Tensors holding
+    NaN/inf are refused (``ValueError``) unless ``allow_nonfinite``. ``verify=True`` reads the files back and
+    checks them (``verify_adapter``).
+
+    Under ``torch.distributed`` only global rank 0 writes. Sharded (FSDP2 DTensor) tensors are gathered
+    whole first, which is a collective: then every rank must call ``save_adapter`` (rank 0 writes the whole
+    tensors, the others wait until the files exist). FSDP1's flattened shards are refused."""
+    sharded = any(isinstance(v, DTensor) for v in adapter_state_dict(model).values())
+    tensors = gathered_adapter_tensors(model)
     path = Path(path)
+    if not allow_nonfinite:
+        check_finite(tensors, path)
     if _global_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_directory(path, adapter_files(tensors, injected_config(model)))
+        if verify:
+            verify_adapter(model, path, tensors)
     if sharded:
         torch.distributed.barrier()
     return path
+
+
+def _probe_input(layer: nn.Module, like: Tensor) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    if layer.kind == "conv2d":
+        weight = layer.base.weight
+        shape = (1, weight.shape[1], *(max(3, k) for k in weight.shape[2:]))
+    else:
+        shape = (2, layer.in_features)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def verify_adapter(model: nn.Module, path: Union[str, Path], tensors: dict[str, Tensor] | None = None) -> None:
+    """Read the adapter at ``path`` back and check it against ``model``: the config equals the injected one,
+    every tensor is bit-identical, and every adapter layer gives the same output on a probe input with the
+    loaded tensors as with its own (``torch.func.functional_call``, eval mode). Raises ``ValueError`` naming
+    the first difference."""
+    from torch.func import functional_call
+
+    path = Path(path)
+    tensors = gathered_adapter_tensors(model) if tensors is None else tensors
+    read_adapter_config(path)  # readable, ours
+    saved = json.loads((path / CONFIG_NAME).read_text())["adapter"]
+    if saved != json.loads(json.dumps(injected_config(model).to_dict())):
+        raise ValueError(f"verify: the config read back from {path / CONFIG_NAME} differs from the model's")
+    loaded = read_adapter_tensors(path)
+    if set(loaded) != set(tensors):
+        raise ValueError(f"verify: {path / WEIGHTS_NAME} holds other tensor names than the model")
+    for k, v in tensors.items():
+        if loaded[k].dtype != v.dtype or not torch.equal(loaded[k], v):
+            raise ValueError(f"verify: tensor {k} read back from {path / WEIGHTS_NAME} differs from the model's")
+    for name, layer in adapter_layers(model).items():
+        prefix = f"{name}." if name else ""
+        own = layer.adapter_state_dict()
+        if any(isinstance(v, DTensor) for v in own.values()):
+            continue  # a sharded layer cannot run alone; its tensors were compared above
+        swap = {k: loaded[prefix + k].to(device=v.device, dtype=v.dtype) for k, v in own.items()}
+        x = _probe_input(layer, next(iter(own.values())))
+        training = layer.training
+        layer.eval()
+        try:
+            want, got = layer(x), functional_call(layer, swap, (x,), strict=False)
+        finally:
+            layer.train(training)
+        if not torch.equal(want, got):
+            raise ValueError(f"verify: layer {name} gives another output on a probe input with the tensors read back")
+
+
+def read_adapter_tensors(path: Union[str, Path]) -> dict[str, Tensor]:
+    """The tensors of an adapter directory; a truncated or foreign file is named with what is wrong."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: save_adapter(model, {str(path)!r}) writes it")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        size = file.stat().st_size
+        raise ValueError(
+            f"{file} is incomplete or not a safetensors file ({size} bytes; {err}). It was probably cut short "
+            "(an interrupted copy, download or save to a full disk): copy it again or load another version"
+        ) from err
 
 
 def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
@@ -80,7 +187,12 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: save_adapter(model, {str(path)!r}) writes it")
-    meta = json.loads(file.read_text())
+    try:
+        meta = json.loads(file.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{file} is incomplete or not a JSON adapter config ({err}): copy it again or load another version"
+        ) from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{file} is not a lora_lightning adapter config (format={meta.get('format')!r})")
     return AdapterConfig.from_dict(meta["adapter"])
@@ -88,7 +200,14 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
 
 def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` into ``model``: injects it first into a bare base model,
-    then copies every tensor. Keys and shapes must fit exactly; a mismatch names the offending tensors."""
+    then copies every tensor. Keys and shapes must fit exactly; a mismatch names the offending tensors.
+
+    If ``path`` is missing because a save was killed between its two renames, the complete version left beside
+    it is read (with a warning; see ``lora_lightning.atomic``)."""
+    try:
+        path = complete_directory(path)
+    except FileNotFoundError:
+        pass  # read_adapter_config names the file and the fix
     config = read_adapter_config(path)
     if not adapter_layers(model):
         inject_adapters(model, config, verbose=verbose)
@@ -99,7 +218,7 @@ def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False
                 f"model has {have.method} adapters (r={have.r}, scaling={have.scaling_rule}) but {path} holds "
                 f"{config.method} (r={config.r}, scaling={config.scaling_rule}); load into a fresh base model"
             )
-    loaded = load_file(str(Path(path) / WEIGHTS_NAME))
+    loaded = read_adapter_tensors(path)
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(loaded))
     unexpected = sorted(set(loaded) - set(expected))

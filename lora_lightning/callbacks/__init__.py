@@ -4,7 +4,22 @@ on any LightningModule that contains lora_lightning adapter layers, not only ``L
 from .adapter_checkpoint import AdapterCheckpoint
 from .allora import ALLoRARescaling
 from .dropout import DropoutRemoval
+from .gradient_flow import GradientFlowCheck, GradientFlowError
 from .monitor import AdapterMonitor
+from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .sds import SDSReorthonormalization
+from .supervision import NoSupervisionError, SupervisionCheck
 
-__all__ = ["ALLoRARescaling", "AdapterCheckpoint", "AdapterMonitor", "DropoutRemoval", "SDSReorthonormalization"]
+__all__ = [
+    "ALLoRARescaling",
+    "AdapterCheckpoint",
+    "AdapterMonitor",
+    "DropoutRemoval",
+    "GradientFlowCheck",
+    "GradientFlowError",
+    "NoSupervisionError",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
+    "SDSReorthonormalization",
+    "SupervisionCheck",
+]

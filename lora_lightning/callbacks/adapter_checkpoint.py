@@ -11,6 +11,11 @@ Works on any LightningModule that contains adapters: it saves every submodule th
 was run on (the one carrying the ``_lora_lightning_config`` attribute), in ``<dir>/<submodule name>/``
 when there is more than one.
 
+Never a broken or half-written model: ``last/`` and ``best/`` are each replaced as one unit (every adapted
+submodule's weights and config together; ``lora_lightning.atomic.write_directory``), and a model holding
+NaN/inf is refused with an error naming the tensors (``allow_nonfinite=True`` writes it anyway). ``best/`` is
+written only for a finite monitored value (a NaN/inf score never counts as an improvement).
+
 Multi-device: every rank takes part in each save (FSDP2 shards are gathered whole, a collective) and only
 global rank 0 writes, once; whether ``monitor`` improved is decided on rank 0 and broadcast, so all ranks
 agree on when to save. FSDP1's flattened shards are refused by ``save_adapter`` (use FSDP2 or DDP).
@@ -26,8 +31,9 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from torch import nn
 
-from ..inject import CONFIG_ATTR, adapter_layers
-from ..state import save_adapter
+from ..atomic import write_directory
+from ..inject import CONFIG_ATTR, adapter_layers, injected_config
+from ..state import adapter_files, check_finite, gathered_adapter_tensors
 
 
 def adapter_holders(module: nn.Module) -> dict[str, nn.Module]:
@@ -43,6 +49,7 @@ class AdapterCheckpoint(Callback):
         save_last: write ``last/`` after each validation and at the end of training.
         monitor: a logged metric (e.g. "val_acc"); None = no ``best/``.
         mode: "max" or "min" for ``monitor``.
+        allow_nonfinite: write adapters holding NaN/inf too (default: refuse with an error).
     """
 
     def __init__(
@@ -51,6 +58,7 @@ class AdapterCheckpoint(Callback):
         save_last: bool = True,
         monitor: Optional[str] = None,
         mode: str = "max",
+        allow_nonfinite: bool = False,
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
@@ -58,6 +66,7 @@ class AdapterCheckpoint(Callback):
         self.save_last = save_last
         self.monitor = monitor
         self.mode = mode
+        self.allow_nonfinite = allow_nonfinite
         self.best_score: Optional[float] = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -72,15 +81,25 @@ class AdapterCheckpoint(Callback):
             )
 
     def save(self, pl_module: pl.LightningModule, name: str) -> Path:
-        """Write ``<dirpath>/<name>/`` (one subfolder per adapted submodule if there are several)."""
+        """Write ``<dirpath>/<name>/`` as one unit (one subfolder per adapted submodule if there are several).
+        Every rank must call it (FSDP2 shards are gathered); global rank 0 writes."""
         holders = adapter_holders(pl_module)
         target = self.dirpath / name
+        files: dict[str, bytes] = {}
         for sub, holder in holders.items():
-            save_adapter(holder, target / sub if len(holders) > 1 else target)
+            tensors = gathered_adapter_tensors(holder)
+            if not self.allow_nonfinite:
+                check_finite(tensors, target / sub if len(holders) > 1 else target)
+            prefix = f"{sub}/" if len(holders) > 1 else ""
+            files.update({prefix + k: v for k, v in adapter_files(tensors, injected_config(holder)).items()})
+        if pl_module.global_rank == 0:
+            write_directory(target, files)
+        if pl_module._trainer is not None:
+            pl_module.trainer.strategy.barrier("AdapterCheckpoint.save")
         return target
 
     def _improved(self, score: float) -> bool:
-        if math.isnan(score):
+        if not math.isfinite(score):
             return False
         if self.best_score is None:
             return True

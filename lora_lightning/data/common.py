@@ -9,6 +9,7 @@ from typing import Iterable, Optional
 from datasets import Dataset, DatasetDict, load_dataset
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -96,11 +97,15 @@ def check_labels(labels: Iterable[int], num_classes: Optional[int], split: str) 
 
 class SplitDataModule(LightningDataModule):
     """Dataloaders over ``self.splits`` ("train", "val", "test") with ``self.collate``; the subclass's
-    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size`` and ``num_workers`` hparams."""
+    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size`` and ``num_workers`` hparams.
+
+    The training loader is torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the shuffle
+    generator's state and how many samples were yielded) in every checkpoint, so ``fit --ckpt_path last``
+    from a mid-epoch checkpoint continues with the next unseen batch: no batch seen twice or skipped."""
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        return (StatefulDataLoader if train else DataLoader)(
             self.splits[split],
             batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
             shuffle=train,
