@@ -57,8 +57,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as err:
-            if "Weights only load failed" in str(err):
-                raise  # a well-formed file with objects weights_only refuses: not damage
+            if "Weights only load failed" in str(err) and _is_local(path) and zipfile.is_zipfile(path):
+                raise  # a well-formed checkpoint holding objects weights_only refuses: not damage
             size = Path(path).stat().st_size if _is_local(path) and Path(path).is_file() else "?"
             raise ValueError(
                 f"{path} is incomplete or not a PyTorch/Lightning checkpoint file ({size} bytes; "

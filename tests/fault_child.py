@@ -92,3 +92,17 @@ if __name__ == "__main__":
     from lora_lightning.cli import main
 
     main()
+
+
+try:
+    from lightning.pytorch import Callback as _Callback
+
+    class TraceBatches(_Callback):
+        """Debug aid: print the step, batch index and a fingerprint of every training batch."""
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            ids = batch["input_ids"]
+            print(f"TRACE step={trainer.global_step} epoch={trainer.current_epoch} batch={batch_idx} "
+                  f"ids={int(ids.sum())}", flush=True)
+except ImportError:  # pragma: no cover
+    pass

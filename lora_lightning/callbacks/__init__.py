@@ -8,6 +8,7 @@ from .gradient_flow import GradientFlowCheck, GradientFlowError
 from .monitor import AdapterMonitor
 from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .sds import SDSReorthonormalization
+from .step_checkpoint import StepCheckpoint
 from .supervision import NoSupervisionError, SupervisionCheck
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "NonFiniteGuard",
     "NonFiniteLossError",
     "SDSReorthonormalization",
+    "StepCheckpoint",
     "SupervisionCheck",
 ]

@@ -116,8 +116,9 @@ class AdapterCheckpoint(Callback):
                 )
             score = float(trainer.callback_metrics[self.monitor])
             if trainer.strategy.broadcast(self._improved(score)):  # rank 0 decides: all ranks save together
-                self.best_score = trainer.strategy.broadcast(score)
-                self.save(pl_module, "best")
+                score = trainer.strategy.broadcast(score)
+                self.save(pl_module, "best")  # raises on non-finite weights: then best_score stays as it was
+                self.best_score = score
         if self.save_last:
             self.save(pl_module, "last")
 

@@ -67,9 +67,11 @@ class GradientFlowCheck(Callback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         if self._steps >= self.within_steps:
             return
-        self._steps += 1
         optimizer = getattr(optimizer, "_optimizer", optimizer)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if params and all(p.grad is None for p in params):
+            return  # a step NonFiniteGuard(mode="skip") dropped (it clears every gradient): not counted
+        self._steps += 1
         names = {id(p): n for n, p in pl_module.named_parameters()}
         step = self._steps
         if step == 1:

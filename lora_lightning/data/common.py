@@ -101,7 +101,22 @@ class SplitDataModule(LightningDataModule):
 
     The training loader is torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the shuffle
     generator's state and how many samples were yielded) in every checkpoint, so ``fit --ckpt_path last``
-    from a mid-epoch checkpoint continues with the next unseen batch: no batch seen twice or skipped."""
+    from a mid-epoch checkpoint continues with the next unseen batch: no batch seen twice or skipped.
+
+    The datamodule stores that state too (its own ``state_dict``, restored before the dataloader is built) and
+    loads it into the new training loader itself: Lightning drops the loader states it saved when
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (LoRAModule's schedule does), because
+    the loader is then built before the checkpoint's loop state is restored (Lightning issue #20550)."""
+
+    _train_loader_state: Optional[dict] = None
+
+    def state_dict(self) -> dict:
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None and trainer.state.fn == "fit" else None
+        return {"train_loader": loader.state_dict()} if isinstance(loader, StatefulDataLoader) else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_loader_state = state_dict.get("train_loader")
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         h = self.hparams
@@ -114,7 +129,16 @@ class SplitDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        state, self._train_loader_state = self._train_loader_state, None
+        if state is not None:  # resuming: continue where the checkpoint was taken
+            loader.load_state_dict(state)
+            if state.get("_iterator_finished") or state.get("_num_yielded", 0) >= len(loader):
+                # saved after the epoch's last batch: the first iterator after loading is that finished epoch
+                # (empty); run it out so the next one Lightning opens is the next epoch, shuffled as it would be
+                for _ in loader:
+                    pass
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
