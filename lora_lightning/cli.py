@@ -29,6 +29,11 @@ def _spec_or_none(value: Any) -> Optional[Any]:
 
 
 class LoRALightningCLI(LightningCLI):
+    """LightningCLI with the links above and ``TRAINER_DEFAULTS`` (crash-safe checkpoint writes)."""
+
+    def __init__(self, *args: Any, trainer_defaults: Optional[dict] = None, **kwargs: Any) -> None:
+        super().__init__(*args, trainer_defaults={**TRAINER_DEFAULTS, **(trainer_defaults or {})}, **kwargs)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         for source, target in LINKS:
             parser.link_arguments(source, f"data.init_args.{target}", compute_fn=_spec_or_none)
@@ -51,7 +56,6 @@ def main(args: Optional[list[str]] = None) -> Optional[int]:
         LightningDataModule,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults=TRAINER_DEFAULTS,
         args=args,
     )
 

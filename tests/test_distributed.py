@@ -1,7 +1,7 @@
 """Multi-device training on CPU processes (gloo): DDP and FSDP2 (ModelParallelStrategy) against one process.
 
 Two launches of this file as a script (``python tests/test_distributed.py ddp|fsdp OUT``), each a
-2-process Lightning run that trains every method (LoRA, DoRA, SDS, ALLoRA) for STEPS steps with a
+2-process Lightning run that trains every registered method (ADAPTER_METHODS) for STEPS steps with a
 per-device batch of BATCH // 2 and writes what every rank holds to OUT; the tests compare it with
 1-process runs (batch BATCH) computed here, in the pytest process, while the workers run.
 
@@ -40,6 +40,7 @@ from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lora_lightning import (  # noqa: E402
+    ADAPTER_METHODS,
     AdapterConfig,
     LoRAModule,
     adapter_layers,
@@ -49,9 +50,10 @@ from lora_lightning import (  # noqa: E402
 )
 from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, SDSReorthonormalization  # noqa: E402
 from lora_lightning.distributed import merge_sharded  # noqa: E402
+from lora_lightning.module import DEFAULT_LR  # noqa: E402
 from lora_lightning.state import full_tensor, save_adapter  # noqa: E402
 
-METHODS = ("lora", "dora", "sds", "allora")
+METHODS = tuple(sorted(ADAPTER_METHODS))  # every registered method: none escapes the parity checks
 N, BATCH, STEPS = 24, 8, 6  # 2 epochs of 3 global batches of 8 (resume at the epoch boundary, step 3)
 TOL = 1e-10
 WORLD = 2
@@ -93,7 +95,9 @@ def module(method: str) -> LoRAModule:
     # r=3 over 2 ranks: uneven Shard(0) (2 + 1 rows) of A; the 3×32 head is uneven too
     adapter = AdapterConfig(method=method, r=3, alpha=6, dropout=0.0)  # no randomness: runs must agree
     net = tiny_net(seed=0).to(dtype(method))
-    return LoRAModule(net, num_classes=3, task="image_classification", adapter=adapter, lr=0.02, init_seed=0)
+    # 0.02 for LoRA's scale; a method whose scale wants another LR (LoRA-α: s = C/√r ≈ 148) gets it in proportion
+    lr = 0.02 * DEFAULT_LR[adapter.scaling_rule] / DEFAULT_LR["lora"]
+    return LoRAModule(net, num_classes=3, task="image_classification", adapter=adapter, lr=lr, init_seed=0)
 
 
 def trainer(strategy, devices: int, steps: int = STEPS, callbacks=(), checkpointing: bool = False) -> Trainer:
@@ -126,16 +130,18 @@ def strategy_from(config: str):
 
 
 def count_writes() -> list[int]:
-    """A counter of the adapter files this rank writes (wraps ``save_file`` as lora_lightning.state calls it)."""
+    """A counter of the adapter directories this rank writes (wraps ``write_directory`` where save_adapter and
+    AdapterCheckpoint call it)."""
+    import lora_lightning.callbacks.adapter_checkpoint as adapter_checkpoint
     import lora_lightning.state as state
 
-    count, save = [0], state.save_file
+    count, write = [0], state.write_directory
 
     def counting(*args, **kwargs):
         count[0] += 1
-        return save(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    state.save_file = counting
+    state.write_directory = adapter_checkpoint.write_directory = counting
     return count
 
 
@@ -364,7 +370,7 @@ def test_fsdp2_load_adapter_and_merge_sharded(fsdp, reference, method):
 def test_adapter_files_written_once_complete_and_equal_to_one_process(kind, reference, request):
     run = request.getfixturevalue(kind)
     r0, r1 = run["ranks"]
-    assert (r0["writes"], r1["writes"]) == (len(METHODS) + 1, 0)  # 4 save_adapter + AdapterCheckpoint: rank 0 only
+    assert (r0["writes"], r1["writes"]) == (len(METHODS) + 1, 0)  # one save_adapter per method + AdapterCheckpoint: rank 0 only
     for method in METHODS:
         got_dir, ref_dir = run["out"] / f"{kind}_{method}", reference[method]["file"]
         got, want = load_file(got_dir / "adapter_model.safetensors"), load_file(ref_dir / "adapter_model.safetensors")
