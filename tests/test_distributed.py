@@ -50,7 +50,6 @@ from lora_lightning import (  # noqa: E402
 )
 from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, SDSReorthonormalization  # noqa: E402
 from lora_lightning.distributed import merge_sharded  # noqa: E402
-from lora_lightning.module import DEFAULT_LR  # noqa: E402
 from lora_lightning.state import full_tensor, save_adapter  # noqa: E402
 
 METHODS = tuple(sorted(ADAPTER_METHODS))  # every registered method: none escapes the parity checks
@@ -95,9 +94,7 @@ def module(method: str) -> LoRAModule:
     # r=3 over 2 ranks: uneven Shard(0) (2 + 1 rows) of A; the 3×32 head is uneven too
     adapter = AdapterConfig(method=method, r=3, alpha=6, dropout=0.0)  # no randomness: runs must agree
     net = tiny_net(seed=0).to(dtype(method))
-    # 0.02 for LoRA's scale; a method whose scale wants another LR (LoRA-α: s = C/√r ≈ 148) gets it in proportion
-    lr = 0.02 * DEFAULT_LR[adapter.scaling_rule] / DEFAULT_LR["lora"]
-    return LoRAModule(net, num_classes=3, task="image_classification", adapter=adapter, lr=lr, init_seed=0)
+    return LoRAModule(net, num_classes=3, task="image_classification", adapter=adapter, lr=0.02, init_seed=0)
 
 
 def trainer(strategy, devices: int, steps: int = STEPS, callbacks=(), checkpointing: bool = False) -> Trainer:

@@ -332,6 +332,17 @@ def test_too_many_consecutive_skips_stop_the_run():
         cpu_trainer(max_epochs=1, callbacks=[NonFiniteGuard("skip", max_consecutive_skips=2)]).fit(_guarded_module(), loader)
 
 
+def test_gradscaler_skipped_steps_are_not_failures():
+    """fp16 with a GradScaler that starts far too high: its first steps overflow to inf gradients, which it skips
+    while lowering the scale; the default guard ("stop") lets them be."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    trainer = cpu_trainer(max_steps=4, plugins=[MixedPrecision("16-mixed", "cpu", scaler)])
+    trainer.fit(_guarded_module(), _loader())
+    assert trainer.global_step == 4 and scaler.get_scale() < 2.0**100  # the scaler did skip overflowing steps
+
+
 # -- silent failures -------------------------------------------------------------------------------------------
 class _Frozen(LightningModule):
     """fc1's adapter sits behind a detach(): it never gets a gradient (like checkpointed blocks whose input
