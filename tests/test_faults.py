@@ -217,6 +217,9 @@ def test_nonfinite_adapters_are_refused_unless_allowed(tmp_path):
                        r"bert\.encoder\.layer\.1\.attention\.self\.value\.lora_B \(1 of 64\).*allow_nonfinite=True"):
         save_adapter(bad, tmp_path / "ad")
     assert _read_back(tmp_path / "ad") == before
+    with pytest.raises(ValueError, match=r"refusing to save .*peft: 1 of \d+ adapter tensors hold NaN/inf"):
+        save_adapter(bad, tmp_path / "peft", format="peft")  # PEFT's layout: the same refusal
+    assert not (tmp_path / "peft").exists()
     save_adapter(bad, tmp_path / "ad", allow_nonfinite=True)
     assert load_file(tmp_path / "ad" / WEIGHTS_NAME)["bert.encoder.layer.1.attention.self.value.lora_B"].isnan().any()
 
