@@ -39,8 +39,9 @@ def child(config: str, args: argparse.Namespace) -> dict:
     from lora_lightning.callbacks import NonFiniteGuard
 
     torch.manual_seed(0)
-    bert = BertForSequenceClassification(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
-                                                    intermediate_size=1536, num_labels=2))
+    bert = BertForSequenceClassification(BertConfig(hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                                    num_attention_heads=args.hidden // 32,
+                                                    intermediate_size=4 * args.hidden, num_labels=2))
     kw = {"off": dict(nonfinite="ignore", checks=False), "ignore": dict(nonfinite="ignore", checks=False),
           "stop": dict(nonfinite="stop", checks=False), "skip": dict(nonfinite="skip", checks=False),
           "default": {}}[config]
@@ -103,6 +104,8 @@ def child(config: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=6)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=20)
@@ -127,7 +130,8 @@ def main() -> None:
             results[c].append(json.loads(line[7:]))
             print(f"round {r + 1}/{args.rounds} {c}: {results[c][-1]}", file=sys.stderr)
     base = statistics.median(x["step_ms"] for x in results[configs[0]])
-    print(f"\nNonFiniteGuard overhead — {args.device}, BERT 6×384 + LoRA r=8 (all Linear), batch {args.batch}×{args.seq}, "
+    print(f"\nNonFiniteGuard overhead — {args.device}, BERT {args.layers}×{args.hidden} + LoRA r=8 (all Linear), "
+          f"batch {args.batch}×{args.seq}, "
           f"median of {args.steps} steps, median over {args.rounds} rounds")
     print(f"{'config':<9} {'step ms':>9} {'vs ' + configs[0]:>9} {'guard hooks ms':>15}")
     for c in configs:
