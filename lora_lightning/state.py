@@ -203,6 +203,10 @@ def _probe_input(layer: nn.Module, like: Tensor) -> Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
 
 
+def _fresh(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(device=like.device, dtype=like.dtype).clone(memory_format=torch.contiguous_format)
+
+
 @torch.no_grad()
 def verify_adapter(model: nn.Module, path: Union[str, Path], tensors: dict[str, Tensor] | None = None) -> None:
     """Read the adapter at ``path`` back and check it against ``model``: the config equals the injected one,
@@ -228,12 +232,16 @@ def verify_adapter(model: nn.Module, path: Union[str, Path], tensors: dict[str, 
         own = layer.adapter_state_dict()
         if any(isinstance(v, DTensor) for v in own.values()):
             continue  # a sharded layer cannot run alone; its tensors were compared above
-        swap = {k: loaded[prefix + k].to(device=v.device, dtype=v.dtype) for k, v in own.items()}
+        # both sides as fresh contiguous copies: the same code path, layout and alignment (a tensor read from a
+        # file may sit at an unaligned address, where vectorised kernels round differently), caches bypassed
+        swap = {k: _fresh(loaded[prefix + k], v) for k, v in own.items()}
+        mine = {k: _fresh(v.detach(), v) for k, v in own.items()}
         x = _probe_input(layer, next(iter(own.values())))
         training = layer.training
         layer.eval()
         try:
-            want, got = layer(x), functional_call(layer, swap, (x,), strict=False)
+            want = functional_call(layer, mine, (x,), strict=False)
+            got = functional_call(layer, swap, (x,), strict=False)
         finally:
             layer.train(training)
         if not torch.equal(want, got):
