@@ -20,6 +20,8 @@ from lightning.pytorch.cli import LightningCLI
 
 from . import data as _data  # noqa: F401 - registers the datamodules' short class names
 from .callbacks import adapter_checkpoint as _ckpt  # noqa: F401 - same for AdapterCheckpoint
+from .console import quiet_console
+from .data.rows import BadDataError
 from .module import LoRAModule
 
 LINKS = (("model.backbone", "backbone"), ("model.num_classes", "num_classes"))
@@ -58,13 +60,18 @@ def main(args: Optional[list[str]] = None) -> Optional[int]:
         from . import export
 
         return export.main(argv[1:])
-    LoRALightningCLI(
-        LoRAModule,
-        LightningDataModule,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+    quiet_console()
+    try:
+        LoRALightningCLI(
+            LoRAModule,
+            LightningDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"enable_model_summary": False},  # see console.py
+            args=args,
+        )
+    except BadDataError as err:  # a data file the run cannot use: the message names the file and the fix
+        sys.exit(f"lora-lightning: {err}")
 
 
 if __name__ == "__main__":

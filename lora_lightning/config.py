@@ -35,6 +35,12 @@ class AdapterConfig:
             detected on the model (classifier / score / timm ``get_classifier()`` ...); [] = none.
         init: A's init, "kaiming" (PEFT default) or "gaussian".
         init_b_std: B ~ N(0, init_b_std²) instead of zeros (loss-landscape experiments).
+        eta: ALLoRA's η (method "allora"): the per-row gradient coefficient c_i = 1/√(‖(BA)_i‖ + 1/η²)
+            starts at η (arXiv 2410.09692 §4.2; η = 2 in its listing, η² ∈ {1, 2, 4} in its sweeps).
+        fused: run Linear / Conv1D adapter layers as one autograd Function that keeps only the input for
+            backward (``adapters/functional.py``); False keeps the plain autograd path (for debugging).
+        fused_mlp: with ``fused``, run Llama/Qwen-style gated MLPs whose gate/up/down projections are all
+            adapted as one Function keeping x, gate and up outputs only (``adapters/gated_mlp.py``).
     """
 
     method: str = "lora"
@@ -48,6 +54,9 @@ class AdapterConfig:
     modules_to_save: Optional[list[str]] = None
     init: str = "kaiming"
     init_b_std: float = 0.0
+    eta: float = 2.0
+    fused: bool = True
+    fused_mlp: bool = True
 
     def __post_init__(self) -> None:
         methods = sorted(ADAPTER_METHODS)
@@ -76,6 +85,8 @@ class AdapterConfig:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
         if self.init_b_std < 0:
             raise ValueError(f"init_b_std must be ≥ 0 (got {self.init_b_std}); 0 means B = 0 at init")
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0 (got {self.eta}); ALLoRA's paper uses η = 2 (η² ∈ {{1, 2, 4}})")
         if not self.target_modules:
             raise ValueError('target_modules is empty; give module names, a regex, or "all-linear"')
 
@@ -83,6 +94,11 @@ class AdapterConfig:
     def scaling_rule(self) -> str:
         """The scaling rule in force: the explicit ``scaling`` or the method's default."""
         return self.scaling or ADAPTER_METHODS[self.method].scaling
+
+    @property
+    def allora_eta(self) -> Optional[float]:
+        """η of ALLoRA's backward rule for this method's layers, or None when the method does not use it."""
+        return self.eta if ADAPTER_METHODS[self.method].allora_rule else None
 
     @property
     def scale(self) -> float:

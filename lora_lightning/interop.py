@@ -291,17 +291,20 @@ def peft_adapter_files(
     base_model_name_or_path: Optional[str] = None,
     allow_nonfinite: bool = False,
     path: Union[str, Path] = "the adapter",
+    labels: Optional[list[str]] = None,
 ) -> dict[str, bytes]:
     """PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` for ``model``, encoded (every rank must call
-    it: sharded tensors are gathered). NaN/inf tensors are refused (naming ``path``) unless ``allow_nonfinite``."""
+    it: sharded tensors are gathered). NaN/inf tensors are refused (naming ``path``) unless ``allow_nonfinite``.
+    ``labels`` (class names by id; PEFT's config has no field for them) ride along in the safetensors metadata."""
     refuse_flat_sharded(model, "save_adapter(format='peft')")
     config_json = peft_config(model, base_model_name_or_path)
     tensors = peft_state_dict(model)
     if not allow_nonfinite:
         check_finite(tensors, path)
     ours = {**injected_config(model).to_dict(), "peft_form": peft_form(injected_config(model))}
+    if labels is not None:
+        ours["labels"] = [str(name) for name in labels]
     metadata = {"format": "pt", "lora_lightning": json.dumps(ours, sort_keys=True)}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     return {
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata=metadata),
         CONFIG_NAME: json.dumps(config_json, indent=2, sort_keys=True).encode(),
@@ -309,15 +312,18 @@ def peft_adapter_files(
 
 
 def save_peft_adapter(
-    model: nn.Module, path: Union[str, Path], base_model_name_or_path: Optional[str] = None
+    model: nn.Module,
+    path: Union[str, Path],
+    base_model_name_or_path: Optional[str] = None,
+    labels: Optional[list[str]] = None,
 ) -> Path:
     """Write the adapters of ``model`` in PEFT's LoRA format to ``path`` (``adapter_config.json`` +
     ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained(base, path)``. Same distributed
     contract as ``save_adapter``: every rank calls it, rank 0 writes; the directory is replaced as one unit
-    (``lora_lightning.atomic.write_directory``). Returns the directory."""
+    (``lora_lightning.atomic.write_directory``). Returns the directory. ``labels``: see ``peft_adapter_files``."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     path = Path(path)
-    files = peft_adapter_files(model, base_model_name_or_path, path=path)
+    files = peft_adapter_files(model, base_model_name_or_path, path=path, labels=labels)
     if _global_rank() == 0:
         write_directory(path, files)
     if sharded:

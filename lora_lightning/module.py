@@ -12,10 +12,23 @@ Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with
 
 ``lr=None`` takes ``DEFAULT_LR`` for the method's scaling rule: the scale s multiplies every update of
 ΔW, so a larger s wants a smaller step (LoRA-α's s = C/√r ≈ 90 at r=8 works with full fine-tuning LRs).
+ALLoRA follows its paper's convention (arXiv 2410.09692 §4.2: "we split learning rate into a constant base
+learning rate l_b and η, and the effective learning rate is η·l_b"; Tables 1, 6, 7 run LoRA at η·1e-4 and
+ALLoRA at l_b = 1e-4): its default is the base rate l_b = DEFAULT_LR["lora"] / η (5e-4 at η = 2), so that
+its starting step c·l_b = η·l_b equals our LoRA default, as the paper pairs them. The anchor is our choice
+[ours]: our LoRA default, not the paper's 1e-4 (tuned for 0.5B-8B LLMs over 2-3 epochs). With AdamW a
+constant c cancels in m/√v, so at B = 0 ALLoRA then steps like plain LoRA at l_b; the paper does not name its
+optimiser.
 
 Checkpoints hold only ``adapter_state_dict`` of the backbone (adapter tensors + ``modules_to_save``); the
 frozen base is rebuilt from the spec in ``configure_model`` (seeded by ``init_seed``, so even a randomly
 initialised base is the same one every time).
+
+Class names: ``label_names`` (id → name) comes from the datamodule's label vocabulary at setup
+(``lora_lightning.data.labels``) and is saved in checkpoints; a model that already has one (restored from a
+checkpoint) hands it to the datamodule instead, so validate/test/predict use the ids it was trained with.
+``predict_step`` returns names when they are known. AdapterCheckpoint writes them into adapter_config.json, and a
+transformers backbone gets them as ``config.id2label``.
 
 Multi-device: DDP works as is (``trainer.strategy: ddp``). Under Lightning's ``ModelParallelStrategy``
 (tensor_parallel_size=1) ``configure_model`` shards the backbone with FSDP2 (``shard_adapters``: adapters,
@@ -66,6 +79,14 @@ DECAY_GROUPS = ("adapter", "head")
 SCHEDULERS = ("cosine", "constant")
 
 
+def default_lr(adapter: AdapterConfig) -> float:
+    """The learning rate ``lr=None`` means (module docstring): ALLoRA's base rate DEFAULT_LR["lora"] / η, else
+    ``DEFAULT_LR`` of the scaling rule."""
+    if adapter.allora_eta is not None:
+        return DEFAULT_LR["lora"] / adapter.allora_eta
+    return DEFAULT_LR.get(adapter.scaling_rule, DEFAULT_LR["lora"])
+
+
 def _as_adapter_config(adapter: Union[AdapterConfig, dict, None]) -> AdapterConfig:
     if adapter is None:
         return AdapterConfig()
@@ -94,6 +115,9 @@ class LoRAModule(LightningModule):
         betas: AdamW betas.
         init_seed: seed for building the backbone and the adapter init (None = the global seed at
             construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
+        compile: ``torch.compile`` the adapted backbone in place (``nn.Module.compile``: state dict keys
+            unchanged) after injection and sharding. The adapter layers, the fused Functions and the patched
+            gated MLPs trace without graph breaks.
         nonfinite: what a NaN/inf loss or gradient does: "stop" the run with an error naming the step (default),
             "skip" the optimizer step, or "ignore" it (``NonFiniteGuard``, added unless the Trainer has one).
         checks: catch runs that silently learn nothing: ``GradientFlowCheck`` (a trainable tensor without a
@@ -117,6 +141,7 @@ class LoRAModule(LightningModule):
         min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_seed: Optional[int] = None,
+        compile: bool = False,
         nonfinite: str = "stop",
         checks: bool = True,
     ) -> None:
@@ -135,12 +160,14 @@ class LoRAModule(LightningModule):
         self.adapter_config = _as_adapter_config(adapter)
         self.task_name = default_task(backbone) if task == "auto" else task
         self.task = get_task(self.task_name)
-        self.lr = lr if lr is not None else DEFAULT_LR.get(self.adapter_config.scaling_rule, DEFAULT_LR["lora"])
+        self.lr = lr if lr is not None else default_lr(self.adapter_config)
         self.head_lr = head_lr if head_lr is not None else self.lr
         self.decay_on = decay_on
         self.init_seed = init_seed if init_seed is not None else torch.initial_seed() % 2**31
         object.__setattr__(self, "_backbone_spec", backbone)  # a module instance becomes self.model later
         self.model: Optional[nn.Module] = None
+        self.label_names: Optional[list[str]] = None  # class names by id (module docstring)
+        self._final_line: Optional[str] = None  # printed at teardown, after the progress bar
         self.strict_loading = False  # checkpoints hold adapter + head tensors only
 
         ignore = ["adapter"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
@@ -165,7 +192,42 @@ class LoRAModule(LightningModule):
             print(report)
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
+        if self.hparams.get("compile", False):
+            model.compile()
         self.model = model
+        self._name_classes()
+
+    # -- class names ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Agree on class names with the datamodule (module docstring): the model's own win, else the data's."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "label_names"):
+            return
+        if self.label_names is not None and hasattr(datamodule, "set_label_names"):
+            datamodule.set_label_names(self.label_names)
+        elif datamodule.label_names is not None:
+            self.label_names = list(datamodule.label_names)
+            self._name_classes()
+
+    def _name_classes(self) -> None:
+        names = self.label_names
+        if names is not None and len(names) != self.hparams.num_classes:
+            raise ValueError(
+                f"{len(names)} class names {names} but num_classes={self.hparams.num_classes}: make them agree"
+            )
+        config = getattr(self.model, "config", None)
+        if names is not None and hasattr(config, "id2label"):  # transformers: carried by save_pretrained exports
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.label_names is not None:
+            checkpoint["label_names"] = list(self.label_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("label_names") is not None:
+            self.label_names = list(checkpoint["label_names"])
+            self._name_classes()
 
     def forward(self, batch: Any) -> Tensor:
         return self.task.step(self.model, batch)[0]
@@ -222,15 +284,22 @@ class LoRAModule(LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Predicted class ids."""
-        return self(batch).argmax(-1)
+    def predict_step(self, batch: Any, batch_idx: int) -> Union[Tensor, list[str]]:
+        """Predicted classes: their names when ``label_names`` is known, else their ids."""
+        ids = self(batch).argmax(-1)
+        return [self.label_names[i] for i in ids.tolist()] if self.label_names is not None else ids
 
     def on_fit_end(self) -> None:
         metrics = self.trainer.callback_metrics
-        if self.global_rank == 0 and "val_acc" in metrics:
-            f1 = f" val_f1={float(metrics['val_f1']):.4f}" if "val_f1" in metrics else ""
-            print(f"final validation (step {self.global_step}): val_acc={float(metrics['val_acc']):.4f}{f1}")
+        values = " ".join(f"{k}={float(metrics[k]):.4f}" for k in sorted(metrics) if k.startswith("val_"))
+        self._final_line = f"final validation (step {self.global_step}): {values}" if values else None
+
+    def teardown(self, stage: str) -> None:
+        """Print the final validation metrics after the progress bar has closed (its callback's teardown runs
+        before the module's), so they are the last line of the run."""
+        if stage == "fit" and self._final_line and self.global_rank == 0:
+            print(self._final_line)
+        self._final_line = None
 
     # -- optimisation -----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -299,4 +368,4 @@ class LoRAModule(LightningModule):
         return callbacks + [cb for cb in wanted if not any(isinstance(p, type(cb)) for p in present)]
 
 
-__all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule"]
+__all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule", "default_lr"]

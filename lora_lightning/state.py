@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError
@@ -113,9 +113,14 @@ def check_finite(tensors: dict[str, Tensor], path: Union[str, Path]) -> None:
         )
 
 
-def adapter_files(tensors: dict[str, Tensor], config: AdapterConfig) -> dict[str, bytes]:
-    """The two files of an adapter directory, encoded: weights (safetensors) and config (JSON)."""
+def adapter_files(
+    tensors: dict[str, Tensor], config: AdapterConfig, labels: Optional[Sequence[str]] = None
+) -> dict[str, bytes]:
+    """The two files of an adapter directory, encoded: weights (safetensors) and config (JSON, with the class
+    names by id when ``labels`` are given)."""
     meta = {"format": FORMAT, "adapter": config.to_dict()}
+    if labels is not None:
+        meta["labels"] = [str(name) for name in labels]
     return {
         WEIGHTS_NAME: save(tensors, metadata={"format": FORMAT}),
         CONFIG_NAME: json.dumps(meta, indent=2, sort_keys=True).encode(),
@@ -123,7 +128,11 @@ def adapter_files(tensors: dict[str, Tensor], config: AdapterConfig) -> dict[str
 
 
 def encoded_adapter(
-    model: nn.Module, format: str = FORMAT, allow_nonfinite: bool = False, path: Union[str, Path] = "the adapter"
+    model: nn.Module,
+    format: str = FORMAT,
+    allow_nonfinite: bool = False,
+    path: Union[str, Path] = "the adapter",
+    labels: Optional[Sequence[str]] = None,
 ) -> dict[str, bytes]:
     """The files of ``model``'s adapter directory in ``format``, encoded (every rank must call it: FSDP2 shards
     are gathered). NaN/inf tensors are refused (naming ``path``) unless ``allow_nonfinite``."""
@@ -135,25 +144,29 @@ def encoded_adapter(
     if format == "peft":
         from .interop import peft_adapter_files
 
-        return peft_adapter_files(model, allow_nonfinite=allow_nonfinite, path=path)
+        labels = None if labels is None else list(labels)
+        return peft_adapter_files(model, allow_nonfinite=allow_nonfinite, path=path, labels=labels)
     tensors = gathered_adapter_tensors(model)
     if not allow_nonfinite:
         check_finite(tensors, path)
-    return adapter_files(tensors, injected_config(model))
+    return adapter_files(tensors, injected_config(model), labels)
 
 
 def save_adapter(
     model: nn.Module,
     path: Union[str, Path],
     format: str = FORMAT,
+    labels: Optional[Sequence[str]] = None,
     allow_nonfinite: bool = False,
     verify: bool = False,
 ) -> Path:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json``. Returns the directory.
 
-    ``format="lora_lightning"``: method, r, alpha, the scaling rule and the effective scale, exact target names.
+    ``format="lora_lightning"``: method, r, alpha, the scaling rule and the effective scale, exact target names;
+    ``labels``: the class names by id of the trained head, read back with ``read_adapter_labels``.
     ``format="peft"``: PEFT's LoRA layout, loadable with ``PeftModel.from_pretrained`` (each method mapped exactly,
-    see ``lora_lightning.interop``; a method PEFT cannot express is refused, naming ``export_merged``).
+    see ``lora_lightning.interop``; a method PEFT cannot express is refused, naming ``export_merged``). PEFT's
+    config has no field for class names: ``labels`` go into the safetensors metadata there.
 
     The directory is replaced as one unit (``lora_lightning.atomic.write_directory``): written complete beside
     the old one, fsynced, swapped in by rename; a kill leaves the old or the new version, and a full disk
@@ -166,7 +179,7 @@ def save_adapter(
     tensors, the others wait until the files exist). FSDP1's flattened shards are refused."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     path = Path(path)
-    files = encoded_adapter(model, format, allow_nonfinite, path)
+    files = encoded_adapter(model, format, allow_nonfinite, path, labels)
     if _global_rank() == 0:
         write_directory(path, files)
         if verify:
@@ -188,6 +201,10 @@ def _probe_input(layer: nn.Module, like: Tensor) -> Tensor:
     else:
         shape = (2, layer.in_features)
     return torch.randn(shape, generator=g, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+
+
+def _fresh(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(device=like.device, dtype=like.dtype).clone(memory_format=torch.contiguous_format)
 
 
 @torch.no_grad()
@@ -215,12 +232,16 @@ def verify_adapter(model: nn.Module, path: Union[str, Path], tensors: dict[str, 
         own = layer.adapter_state_dict()
         if any(isinstance(v, DTensor) for v in own.values()):
             continue  # a sharded layer cannot run alone; its tensors were compared above
-        swap = {k: loaded[prefix + k].to(device=v.device, dtype=v.dtype) for k, v in own.items()}
+        # both sides as fresh contiguous copies: the same code path, layout and alignment (a tensor read from a
+        # file may sit at an unaligned address, where vectorised kernels round differently), caches bypassed
+        swap = {k: _fresh(loaded[prefix + k], v) for k, v in own.items()}
+        mine = {k: _fresh(v.detach(), v) for k, v in own.items()}
         x = _probe_input(layer, next(iter(own.values())))
         training = layer.training
         layer.eval()
         try:
-            want, got = layer(x), functional_call(layer, swap, (x,), strict=False)
+            want = functional_call(layer, mine, (x,), strict=False)
+            got = functional_call(layer, swap, (x,), strict=False)
         finally:
             layer.train(training)
         if not torch.equal(want, got):
@@ -264,6 +285,11 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
             f"(format={meta.get('format')!r}); load_adapter(model, path) reads both formats"
         )
     return AdapterConfig.from_dict(meta["adapter"])
+
+
+def read_adapter_labels(path: Union[str, Path]) -> Optional[list[str]]:
+    """The class names by id saved with an adapter (``save_adapter(..., labels=...)``); None if none were."""
+    return _read_config_json(path).get("labels")
 
 
 def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False) -> nn.Module:

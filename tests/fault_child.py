@@ -2,8 +2,9 @@
 
     step:N           right after the N-th optimizer step (1-based) updated the weights, before Lightning's
                      hooks, checkpoints or logging of that batch ran
-    adapter_save:N   inside the N-th adapter-directory save that replaces an existing one, between its two renames (the old version moved
-                     aside, the new one not yet in place: the worst moment for a reader)
+    adapter_save:N   inside the N-th adapter-directory save that replaces an existing one, between its two
+                     renames (the old version moved aside, the new one not yet in place: the worst moment for
+                     a reader)
     ckpt_save:N      in the middle of writing the N-th Lightning checkpoint file (half of its bytes written)
 
 Used by tests/test_faults.py; the kill is a real SIGKILL (no cleanup, no finally blocks run).

@@ -62,6 +62,7 @@ class SDSLayer(LoRALayer):
         self.register_buffer("sds_active", torch.zeros((), dtype=torch.bool, device=self.lora_A.device))
         self._active_key: tuple[int, int] | None = None
         self._active_value = False
+        self.register_load_state_dict_post_hook(lambda module, keys: module.active)  # re-read the loaded flag
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -70,12 +71,16 @@ class SDSLayer(LoRALayer):
             self.Q_A.zero_()
             self.Q_B.zero_()
             self.sds_active.fill_(False)
+            self.active  # noqa: B018 - refresh the Python-side value
 
     @property
     def active(self) -> bool:
         """Whether the SDS parameterisation is on. Read from the ``sds_active`` buffer, which is cached on
         the Python side and re-read (one device sync) only when the buffer was written or moved, so a load
-        of the buffer is seen while forward does not sync on every call."""
+        of the buffer is seen while forward does not sync on every call. Under torch.compile the Python value
+        is used as is (a guard: a change recompiles); ``rebalance``, ``reset_parameters`` and loads refresh it."""
+        if torch.compiler.is_compiling():
+            return self._active_value
         flag = self.sds_active
         key = (flag.data_ptr(), flag._version) if not flag.is_inference() else None  # no version counter
         if key is None or key != self._active_key:
@@ -110,6 +115,7 @@ class SDSLayer(LoRALayer):
         q_b, q_a, sigma, _ = balanced_svd(self.lora_B, self.lora_A, self.scaling, self.r)
         self._install(q_b, q_a, sigma)
         self.sds_active.fill_(True)
+        self.active  # noqa: B018 - refresh the Python-side value now (compiled graphs read it)
 
     @torch.no_grad()
     def refresh(self) -> Tensor:

@@ -12,7 +12,8 @@ method mapped exactly, see ``lora_lightning.interop``); a method PEFT cannot exp
 
 Works on any LightningModule that contains adapters: it saves every submodule that ``inject_adapters``
 was run on (the one carrying the ``_lora_lightning_config`` attribute), in ``<dir>/<submodule name>/``
-when there is more than one.
+when there is more than one. The class names (``label_names`` of the module, else of the datamodule; see
+``lora_lightning.data.labels``) go into adapter_config.json as ``labels``.
 
 Never a broken or half-written model: ``last/`` and ``best/`` are each replaced as one unit (every adapted
 submodule's weights and config together; ``lora_lightning.atomic.write_directory``), and a model holding
@@ -42,6 +43,14 @@ from ..state import FORMATS, encoded_adapter
 def adapter_holders(module: nn.Module) -> dict[str, nn.Module]:
     """The submodules ``inject_adapters`` was applied to, by qualified name ("" for ``module`` itself)."""
     return {name: m for name, m in module.named_modules() if hasattr(m, CONFIG_ATTR) and adapter_layers(m)}
+
+
+def label_names(pl_module: pl.LightningModule) -> Optional[list[str]]:
+    """The class names by id: ``pl_module.label_names``, else the datamodule's; None when neither has them."""
+    names = getattr(pl_module, "label_names", None)
+    if names is None and pl_module._trainer is not None:
+        names = getattr(pl_module.trainer.datamodule, "label_names", None)
+    return list(names) if names is not None else None
 
 
 class AdapterCheckpoint(Callback):
@@ -99,11 +108,12 @@ class AdapterCheckpoint(Callback):
         Every rank must call it (FSDP2 shards are gathered); global rank 0 writes."""
         holders = adapter_holders(pl_module)
         target = self.dirpath / name
+        labels = label_names(pl_module)
         files: dict[str, bytes] = {}
         for sub, holder in holders.items():
             where = target / sub if len(holders) > 1 else target
             prefix = f"{sub}/" if len(holders) > 1 else ""
-            encoded = encoded_adapter(holder, self.format, self.allow_nonfinite, where)
+            encoded = encoded_adapter(holder, self.format, self.allow_nonfinite, where, labels)
             files.update({prefix + k: v for k, v in encoded.items()})
         if pl_module.global_rank == 0:
             write_directory(target, files)

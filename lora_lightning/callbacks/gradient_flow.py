@@ -89,7 +89,11 @@ class GradientFlowCheck(Callback):
             self._seen[id(p)] = self._seen.get(id(p), False) or flag
         if step == 1:
             units = self._units(pl_module, params)
-            dead = [", ".join(names.get(id(p), "?") for p in unit) for unit in units if not any(self._seen.get(id(p)) for p in unit)]
+            dead = [
+                ", ".join(names.get(id(p), "?") for p in unit)
+                for unit in units
+                if not any(self._seen.get(id(p)) for p in unit)
+            ]
             if dead:
                 self._fail(trainer, step, "received only zero gradients", dead)
         if step == self.within_steps:

@@ -85,10 +85,15 @@ class NonFiniteGuard(Callback):
     def __init__(self, mode: str = "stop", max_consecutive_skips: int = 10, check_every_n_steps: Optional[int] = None):
         if mode not in MODES:
             raise ValueError(f"NonFiniteGuard: unknown mode={mode!r}; choose one of {', '.join(MODES)}")
-        if isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int) or max_consecutive_skips < 1:
-            raise ValueError(f"NonFiniteGuard: max_consecutive_skips must be an integer ≥ 1 (got {max_consecutive_skips!r})")
-        if check_every_n_steps is not None and (not isinstance(check_every_n_steps, int) or check_every_n_steps < 1):
-            raise ValueError(f"NonFiniteGuard: check_every_n_steps must be None or an integer ≥ 1 (got {check_every_n_steps!r})")
+        for name, value, optional in (
+            ("max_consecutive_skips", max_consecutive_skips, False),
+            ("check_every_n_steps", check_every_n_steps, True),
+        ):
+            if optional and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                none = "None or " if optional else ""
+                raise ValueError(f"NonFiniteGuard: {name} must be {none}an integer ≥ 1 (got {value!r})")
         self.mode = mode
         self.max_consecutive_skips = max_consecutive_skips
         self.check_every_n_steps = check_every_n_steps
