@@ -1,9 +1,20 @@
-"""LoRAModule: a backbone + an adapter method + a task + AdamW with warm-up and a cosine schedule.
+"""LoRAModule: a backbone + an adapter method + a task + Adam(W) with warm-up and a cosine schedule.
 
-Optimiser: AdamW over the trainable tensors only (adapter factors and ``modules_to_save``, i.e. the head).
+Optimiser: Adam over the trainable tensors only (adapter factors and ``modules_to_save``, i.e. the head).
 Weight decay λ goes to the matrices of the groups named in ``decay_on`` (default: adapter factors and
-head), never to biases or norm weights (1-D tensors). On LoRA factors decay is a nuclear-norm penalty on
-ΔW: min over B·A = ΔW of λ/2·(‖A‖²+‖B‖²) = λ·‖ΔW‖_* (Kim, Kim, Ryu 2025).
+head), never to biases or norm weights (1-D tensors), in one of two modes (``weight_decay_mode``):
+
+    "decoupled" (default, AdamW):  p ← p − lr·(Adam step of ∇L) − lr·λ·p   (Loshchilov & Hutter)
+    "coupled"   (Adam + L2):       the loss becomes L + λ/2·Σ‖p‖², i.e. λ·p is added to the gradient
+                                   before Adam's moments (torch.optim.Adam's weight_decay)
+
+Only the coupled mode trains the objective of the loss-landscape theory (Kim, Kim & Ryu 2025, arXiv
+2502.09376, which uses the variational form ‖M‖_* = min over B·A = M of ½(‖A‖²+‖B‖²), Srebro, Rennie &
+Jaakkola 2005): with ΔW = s·B·A, min over the factorisations of λ/2·(‖A‖²+‖B‖²) = (λ/s)·‖ΔW‖_*, so L2 on
+the factors is a nuclear-norm penalty on ΔW with weight λ/s (λ·‖B·A‖_* at s = 1). AdamW's decoupled decay
+shrinks the factors outside the gradient and is not a penalty in the loss; the equivalence does not apply
+to it (it still biases toward small factors, measured in docs/results.md §1). Decoupled as the default is
+[ours] (the common practice for LoRA fine-tuning).
 
 Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with w warm-up steps of T:
 
@@ -77,6 +88,7 @@ METHOD_CALLBACKS: dict[str, list[type[Callback]]] = {
 
 DECAY_GROUPS = ("adapter", "head")
 SCHEDULERS = ("cosine", "constant")
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 
 
 def default_lr(adapter: AdapterConfig) -> float:
@@ -107,12 +119,14 @@ class LoRAModule(LightningModule):
         adapter: the AdapterConfig (YAML: ``model.adapter.method: rslora``, ``model.adapter.r: 16``).
         lr: adapter learning rate; None = ``DEFAULT_LR`` of the method's scaling rule.
         head_lr: learning rate of ``modules_to_save`` (the head); None = ``lr``.
-        weight_decay: AdamW decay λ on the matrices of the groups in ``decay_on``.
+        weight_decay: decay λ on the matrices of the groups in ``decay_on``.
         decay_on: which groups get decay: any of "adapter", "head" (None = both; [] = none).
+        weight_decay_mode: "decoupled" (AdamW) or "coupled" (Adam with λ·p added to the gradient, i.e. the
+            penalty λ/2·‖p‖² in the loss; module docstring).
         warmup: linear warm-up, a fraction of all optimizer steps if < 1, else a number of steps.
         scheduler: "cosine" (decay to ``min_lr_ratio``·lr) or "constant" after warm-up.
         min_lr_ratio: the cosine floor as a fraction of the peak LR.
-        betas: AdamW betas.
+        betas: Adam betas.
         init_seed: seed for building the backbone and the adapter init (None = the global seed at
             construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
         compile: ``torch.compile`` the adapted backbone in place (``nn.Module.compile``: state dict keys
@@ -136,6 +150,7 @@ class LoRAModule(LightningModule):
         head_lr: Optional[float] = None,
         weight_decay: float = 0.01,
         decay_on: Optional[list[str]] = None,
+        weight_decay_mode: str = "decoupled",
         warmup: float = 0.1,
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.0,
@@ -153,6 +168,8 @@ class LoRAModule(LightningModule):
         decay_on = list(DECAY_GROUPS) if decay_on is None else list(decay_on)
         if set(decay_on) - set(DECAY_GROUPS):
             raise ValueError(f"decay_on={decay_on!r}: entries must be among {DECAY_GROUPS}")
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode={weight_decay_mode!r}: choose one of {', '.join(WEIGHT_DECAY_MODES)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if warmup < 0:
@@ -303,7 +320,7 @@ class LoRAModule(LightningModule):
 
     # -- optimisation -----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: adapter / head × decay / no decay (1-D tensors: biases, norms), empty ones dropped."""
+        """Optimiser groups: adapter / head × decay / no decay (1-D tensors: biases, norms), empty ones dropped."""
         adapter_ids = {
             id(p)
             for layer in adapter_layers(self.model).values()
@@ -348,8 +365,13 @@ class LoRAModule(LightningModule):
 
         return factor
 
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW (``weight_decay_mode="decoupled"``) or Adam with coupled L2 decay over ``param_groups()``."""
+        cls = torch.optim.AdamW if self.hparams.weight_decay_mode == "decoupled" else torch.optim.Adam
+        return cls(self.param_groups(), lr=self.lr, betas=tuple(self.hparams.betas))
+
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=tuple(self.hparams.betas))
+        optimizer = self.optimizer()
         total = float(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
