@@ -55,8 +55,10 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from .atomic import write_directory
 from .adapters import ADAPTER_METHODS, AdapterLayer, DoRALayer, LoRALayer, SDSLayer, export_as_lora
 from .config import AdapterConfig
 from .inject import adapter_layers, bases_in_place, injected_config
@@ -65,6 +67,7 @@ from .state import (
     WEIGHTS_NAME,
     DTensor,
     _global_rank,
+    check_finite,
     copy_adapter_state,
     full_tensor,
     gathered,
@@ -283,6 +286,31 @@ def peft_config(model: nn.Module, base_model_name_or_path: Optional[str] = None)
     }
 
 
+def peft_adapter_files(
+    model: nn.Module,
+    base_model_name_or_path: Optional[str] = None,
+    allow_nonfinite: bool = False,
+    path: Union[str, Path] = "the adapter",
+    labels: Optional[list[str]] = None,
+) -> dict[str, bytes]:
+    """PEFT's ``adapter_model.safetensors`` + ``adapter_config.json`` for ``model``, encoded (every rank must call
+    it: sharded tensors are gathered). NaN/inf tensors are refused (naming ``path``) unless ``allow_nonfinite``.
+    ``labels`` (class names by id; PEFT's config has no field for them) ride along in the safetensors metadata."""
+    refuse_flat_sharded(model, "save_adapter(format='peft')")
+    config_json = peft_config(model, base_model_name_or_path)
+    tensors = peft_state_dict(model)
+    if not allow_nonfinite:
+        check_finite(tensors, path)
+    ours = {**injected_config(model).to_dict(), "peft_form": peft_form(injected_config(model))}
+    if labels is not None:
+        ours["labels"] = [str(name) for name in labels]
+    metadata = {"format": "pt", "lora_lightning": json.dumps(ours, sort_keys=True)}
+    return {
+        WEIGHTS_NAME: safetensors_bytes(tensors, metadata=metadata),
+        CONFIG_NAME: json.dumps(config_json, indent=2, sort_keys=True).encode(),
+    }
+
+
 def save_peft_adapter(
     model: nn.Module,
     path: Union[str, Path],
@@ -291,22 +319,13 @@ def save_peft_adapter(
 ) -> Path:
     """Write the adapters of ``model`` in PEFT's LoRA format to ``path`` (``adapter_config.json`` +
     ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained(base, path)``. Same distributed
-    contract as ``save_adapter``: every rank calls it, rank 0 writes. Returns the directory. ``labels`` (class
-    names by id; PEFT's config has no field for them) ride along in the safetensors metadata."""
-    refuse_flat_sharded(model, "save_adapter(format='peft')")
-    config_json = peft_config(model, base_model_name_or_path)
+    contract as ``save_adapter``: every rank calls it, rank 0 writes; the directory is replaced as one unit
+    (``lora_lightning.atomic.write_directory``). Returns the directory. ``labels``: see ``peft_adapter_files``."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
-    tensors = peft_state_dict(model)
     path = Path(path)
+    files = peft_adapter_files(model, base_model_name_or_path, path=path, labels=labels)
     if _global_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        ours = {**injected_config(model).to_dict(), "peft_form": peft_form(injected_config(model))}
-        if labels is not None:
-            ours["labels"] = [str(name) for name in labels]
-        metadata = {"format": "pt", "lora_lightning": json.dumps(ours, sort_keys=True)}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
-        text = json.dumps(config_json, indent=2, sort_keys=True)
-        _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        write_directory(path, files)
     if sharded:
         torch.distributed.barrier()
     return path

@@ -18,6 +18,8 @@ from . import data as _data  # noqa: F401 - registers the datamodules' short cla
 from .callbacks import adapter_checkpoint as _ckpt  # noqa: F401 - same for AdapterCheckpoint
 
 LINKS = (("model.backbone", "backbone"), ("model.num_classes", "num_classes"))
+# Checkpoints are written crash-safely (lora_lightning.checkpoint_io); a config's own trainer.plugins replace this.
+TRAINER_DEFAULTS = {"plugins": [{"class_path": "lora_lightning.checkpoint_io.AtomicCheckpointIO"}]}
 
 
 def _spec_or_none(value: Any) -> Optional[Any]:
@@ -25,6 +27,11 @@ def _spec_or_none(value: Any) -> Optional[Any]:
 
 
 class LoRALightningCLI(LightningCLI):
+    """LightningCLI with the links above and ``TRAINER_DEFAULTS`` (crash-safe checkpoint writes)."""
+
+    def __init__(self, *args: Any, trainer_defaults: Optional[dict] = None, **kwargs: Any) -> None:
+        super().__init__(*args, trainer_defaults={**TRAINER_DEFAULTS, **(trainer_defaults or {})}, **kwargs)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         for source, target in LINKS:
             parser.link_arguments(source, f"data.init_args.{target}", compute_fn=_spec_or_none)

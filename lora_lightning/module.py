@@ -83,7 +83,15 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .backbones import build_backbone, default_task
-from .callbacks import ALLoRARescaling, DropoutRemoval, SDSReorthonormalization
+from .callbacks import (
+    ALLoRARescaling,
+    DropoutRemoval,
+    GradientFlowCheck,
+    NonFiniteGuard,
+    SDSReorthonormalization,
+    SupervisionCheck,
+)
+from .callbacks.nonfinite import MODES as NONFINITE_MODES
 from .config import AdapterConfig, parse_dtype
 from .distributed import shard_adapters
 from .generation import GenerationOptions, as_generation_options
@@ -190,6 +198,11 @@ class LoRAModule(LightningModule):
         compile: ``torch.compile`` the adapted backbone in place (``nn.Module.compile``: state dict keys
             unchanged) after injection and sharding. The adapter layers, the fused Functions and the patched
             gated MLPs trace without graph breaks.
+        nonfinite: what a NaN/inf loss or gradient does: "stop" the run with an error naming the step (default),
+            "skip" the optimizer step, or "ignore" it (``NonFiniteGuard``, added unless the Trainer has one).
+        checks: catch runs that silently learn nothing: ``GradientFlowCheck`` (a trainable tensor without a
+            non-zero gradient in the first steps is an error) and ``SupervisionCheck`` (batches whose labels are
+            all -100 are counted and warned, an epoch of them is an error). Added unless the Trainer has them.
     """
 
     def __init__(
@@ -213,8 +226,12 @@ class LoRAModule(LightningModule):
         gradient_checkpointing: bool = False,
         generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - copied in __init__
         compile: bool = False,
+        nonfinite: str = "stop",
+        checks: bool = True,
     ) -> None:
         super().__init__()
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={nonfinite!r}: choose one of {', '.join(NONFINITE_MODES)}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer ≥ 2 (got {num_classes!r})")
         decay_on = list(DECAY_GROUPS) if decay_on is None else list(decay_on)
@@ -480,11 +497,17 @@ class LoRAModule(LightningModule):
 
     # -- method callbacks -------------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """The callbacks ``METHOD_CALLBACKS`` lists for this method and those the task needs (the causal LM's
-        ``CompletionWriter``), minus types the Trainer already has."""
+        """The callbacks ``METHOD_CALLBACKS`` lists for this method, those the task needs (the causal LM's
+        ``CompletionWriter``) and ``NonFiniteGuard(mode=nonfinite)`` + the silent-failure checks, minus types the
+        Trainer already has (the user's own settings win)."""
         present = list(self.trainer.callbacks) if self._trainer is not None else []
         needed = METHOD_CALLBACKS.get(self.adapter_config.method, []) + self.task.callbacks()
-        return [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
+        callbacks = [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
+        mode = self.hparams.get("nonfinite", "stop")
+        wanted = [NonFiniteGuard(mode=mode)] if mode != "ignore" else []
+        if self.hparams.get("checks", True):
+            wanted += [GradientFlowCheck(), SupervisionCheck()]
+        return callbacks + [cb for cb in wanted if not any(isinstance(p, type(cb)) for p in present)]
 
 
 __all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule", "default_lr"]

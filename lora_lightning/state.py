@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from .atomic import complete_directory, write_directory
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters, injected_config
 
@@ -84,8 +86,79 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def gathered_adapter_tensors(model: nn.Module) -> dict[str, Tensor]:
+    """``adapter_state_dict(model)`` as whole, contiguous CPU copies (FSDP2 shards gathered: a collective, every
+    rank must call it). FSDP1's flattened shards are refused."""
+    refuse_flat_sharded(model, "save_adapter")
+    return {k: full_tensor(v).detach().to("cpu", copy=True).contiguous() for k, v in adapter_state_dict(model).items()}
+
+
+def check_finite(tensors: dict[str, Tensor], path: Union[str, Path]) -> None:
+    """Raise ``ValueError`` naming every tensor that holds NaN/inf: a diverged run must not overwrite a good
+    adapter (``allow_nonfinite=True`` on the savers skips this check)."""
+    bad = {}
+    for k, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            n = int((~torch.isfinite(t)).sum())
+            if n:
+                bad[k] = f"{k} ({n} of {t.numel()})"
+    if bad:
+        names = list(bad.values())
+        more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+        raise ValueError(
+            f"refusing to save {path}: {len(bad)} of {len(tensors)} adapter tensors hold NaN/inf values: "
+            f"{', '.join(names[:5])}{more}. The run diverged (try a lower learning rate, bf16/fp32 instead of "
+            "fp16, or look for a bad data row; NonFiniteGuard stops or skips such steps); the files already at "
+            f"{path} are left as they were. Pass allow_nonfinite=True to write them anyway."
+        )
+
+
+def adapter_files(
+    tensors: dict[str, Tensor], config: AdapterConfig, labels: Optional[Sequence[str]] = None
+) -> dict[str, bytes]:
+    """The two files of an adapter directory, encoded: weights (safetensors) and config (JSON, with the class
+    names by id when ``labels`` are given)."""
+    meta = {"format": FORMAT, "adapter": config.to_dict()}
+    if labels is not None:
+        meta["labels"] = [str(name) for name in labels]
+    return {
+        WEIGHTS_NAME: save(tensors, metadata={"format": FORMAT}),
+        CONFIG_NAME: json.dumps(meta, indent=2, sort_keys=True).encode(),
+    }
+
+
+def encoded_adapter(
+    model: nn.Module,
+    format: str = FORMAT,
+    allow_nonfinite: bool = False,
+    path: Union[str, Path] = "the adapter",
+    labels: Optional[Sequence[str]] = None,
+) -> dict[str, bytes]:
+    """The files of ``model``'s adapter directory in ``format``, encoded (every rank must call it: FSDP2 shards
+    are gathered). NaN/inf tensors are refused (naming ``path``) unless ``allow_nonfinite``."""
+    if format not in FORMATS:
+        raise ValueError(
+            f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)} "
+            "(a merged full model: lora_lightning.interop.export_merged)"
+        )
+    if format == "peft":
+        from .interop import peft_adapter_files
+
+        labels = None if labels is None else list(labels)
+        return peft_adapter_files(model, allow_nonfinite=allow_nonfinite, path=path, labels=labels)
+    tensors = gathered_adapter_tensors(model)
+    if not allow_nonfinite:
+        check_finite(tensors, path)
+    return adapter_files(tensors, injected_config(model), labels)
+
+
 def save_adapter(
-    model: nn.Module, path: Union[str, Path], format: str = FORMAT, labels: Optional[Sequence[str]] = None
+    model: nn.Module,
+    path: Union[str, Path],
+    format: str = FORMAT,
+    labels: Optional[Sequence[str]] = None,
+    allow_nonfinite: bool = False,
+    verify: bool = False,
 ) -> Path:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json``. Returns the directory.
 
@@ -95,40 +168,111 @@ def save_adapter(
     see ``lora_lightning.interop``; a method PEFT cannot express is refused, naming ``export_merged``). PEFT's
     config has no field for class names: ``labels`` go into the safetensors metadata there.
 
+    The directory is replaced as one unit (``lora_lightning.atomic.write_directory``): written complete beside
+    the old one, fsynced, swapped in by rename; a kill leaves the old or the new version, and a full disk
+    raises an ``OSError`` naming the file and the space needed, with the old version intact. Tensors holding
+    NaN/inf are refused (``ValueError``) unless ``allow_nonfinite``. ``verify=True`` reads the files back and
+    checks them (``verify_adapter``; our format).
+
     Under ``torch.distributed`` only global rank 0 writes. Sharded (FSDP2 DTensor) tensors are gathered
     whole first, which is a collective: then every rank must call ``save_adapter`` (rank 0 writes the whole
     tensors, the others wait until the files exist). FSDP1's flattened shards are refused."""
-    if format not in FORMATS:
-        raise ValueError(
-            f"unknown adapter format {format!r}; choose one of {', '.join(FORMATS)} "
-            "(a merged full model: lora_lightning.interop.export_merged)"
-        )
-    if format == "peft":
-        from .interop import save_peft_adapter
-
-        return save_peft_adapter(model, path, labels=None if labels is None else list(labels))
-    refuse_flat_sharded(model, "save_adapter")
-    state = adapter_state_dict(model)
-    sharded = any(isinstance(v, DTensor) for v in state.values())
-    tensors = {k: full_tensor(v).detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
     path = Path(path)
+    files = encoded_adapter(model, format, allow_nonfinite, path, labels)
     if _global_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
-        if labels is not None:
-            meta["labels"] = [str(name) for name in labels]
-        (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        write_directory(path, files)
+        if verify:
+            for name, data in files.items():  # every file reads back byte for byte
+                if (path / name).read_bytes() != data:
+                    raise ValueError(f"verify: {path / name} reads back other bytes than were written")
+            if format == FORMAT:
+                verify_adapter(model, path)
     if sharded:
         torch.distributed.barrier()
     return path
+
+
+def _probe_input(layer: nn.Module, like: Tensor) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    if layer.kind == "conv2d":
+        weight = layer.base.weight
+        shape = (1, weight.shape[1], *(max(3, k) for k in weight.shape[2:]))
+    else:
+        shape = (2, layer.in_features)
+    return torch.randn(shape, generator=g, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+
+
+def _fresh(t: Tensor, like: Tensor) -> Tensor:
+    return t.to(device=like.device, dtype=like.dtype).clone(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def verify_adapter(model: nn.Module, path: Union[str, Path], tensors: dict[str, Tensor] | None = None) -> None:
+    """Read the adapter at ``path`` back and check it against ``model``: the config equals the injected one,
+    every tensor is bit-identical, and every adapter layer gives the same output on a probe input with the
+    loaded tensors as with its own (``torch.func.functional_call``, eval mode). Raises ``ValueError`` naming
+    the first difference."""
+    from torch.func import functional_call
+
+    path = Path(path)
+    tensors = gathered_adapter_tensors(model) if tensors is None else tensors
+    read_adapter_config(path)  # readable, ours
+    saved = json.loads((path / CONFIG_NAME).read_text())["adapter"]
+    if saved != json.loads(json.dumps(injected_config(model).to_dict())):
+        raise ValueError(f"verify: the config read back from {path / CONFIG_NAME} differs from the model's")
+    loaded = read_adapter_tensors(path)
+    if set(loaded) != set(tensors):
+        raise ValueError(f"verify: {path / WEIGHTS_NAME} holds other tensor names than the model")
+    for k, v in tensors.items():
+        if loaded[k].dtype != v.dtype or not torch.equal(loaded[k], v):
+            raise ValueError(f"verify: tensor {k} read back from {path / WEIGHTS_NAME} differs from the model's")
+    for name, layer in adapter_layers(model).items():
+        prefix = f"{name}." if name else ""
+        own = layer.adapter_state_dict()
+        if any(isinstance(v, DTensor) for v in own.values()):
+            continue  # a sharded layer cannot run alone; its tensors were compared above
+        # both sides as fresh contiguous copies: the same code path, layout and alignment (a tensor read from a
+        # file may sit at an unaligned address, where vectorised kernels round differently), caches bypassed
+        swap = {k: _fresh(loaded[prefix + k], v) for k, v in own.items()}
+        mine = {k: _fresh(v.detach(), v) for k, v in own.items()}
+        x = _probe_input(layer, next(iter(own.values())))
+        training = layer.training
+        layer.eval()
+        try:
+            want = functional_call(layer, mine, (x,), strict=False)
+            got = functional_call(layer, swap, (x,), strict=False)
+        finally:
+            layer.train(training)
+        if not torch.equal(want, got):
+            raise ValueError(f"verify: layer {name} gives another output on a probe input with the tensors read back")
+
+
+def read_adapter_tensors(path: Union[str, Path]) -> dict[str, Tensor]:
+    """The tensors of an adapter directory; a truncated or foreign file is named with what is wrong."""
+    file = Path(path) / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: save_adapter(model, {str(path)!r}) writes it")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        size = file.stat().st_size
+        raise ValueError(
+            f"{file} is incomplete or not a safetensors file ({size} bytes; {err}). It was probably cut short "
+            "(an interrupted copy, download or save to a full disk): copy it again or load another version"
+        ) from err
 
 
 def _read_config_json(path: Union[str, Path]) -> dict:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: save_adapter(model, {str(path)!r}) writes it")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_bytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{file} is incomplete or not a JSON adapter config ({err}): copy it again or load another version"
+        ) from err
 
 
 def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
@@ -151,14 +295,21 @@ def read_adapter_labels(path: Union[str, Path]) -> Optional[list[str]]:
 def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False) -> nn.Module:
     """Load an adapter saved by ``save_adapter`` (either format) or by PEFT (``save_pretrained``) into ``model``:
     injects it first into a bare base model, then copies every tensor. Keys and shapes must fit exactly; a
-    mismatch names the offending tensors."""
+    mismatch names the offending tensors.
+
+    If ``path`` is missing because a save was killed between its two renames, the complete version left beside
+    it is read (with a warning; see ``lora_lightning.atomic``)."""
+    try:
+        path = complete_directory(path)
+    except FileNotFoundError:
+        pass  # _read_config_json names the file and the fix
     if "peft_type" in _read_config_json(path):
         from .interop import load_peft_adapter
 
         return load_peft_adapter(model, path, verbose=verbose)
     config = read_adapter_config(path)
     prepare_adapters(model, config, path, verbose)
-    copy_adapter_state(model, load_file(str(Path(path) / WEIGHTS_NAME)), path)
+    copy_adapter_state(model, read_adapter_tensors(path), path)
     return model
 
 

@@ -151,15 +151,17 @@ def test_callback_fragments_stack_after_a_config():
     from lora_lightning import callbacks as cb
     from lora_lightning.cli import LoRALightningCLI
 
-    fragments = ["monitor", "allora", "sds", "dropout", "adapter_checkpoint"]
+    fragments = ["monitor", "allora", "sds", "dropout", "adapter_checkpoint", "nonfinite", "step_checkpoints"]
     args = ["--config", os.path.join(ROOT, "configs", "minilm_sst2.yaml")]  # its AdapterCheckpoint saves last only
     for f in fragments:
         args += ["--config", os.path.join(ROOT, "callbacks", f"{f}.yaml")]
     cli = LoRALightningCLI(LoRAModule, LightningDataModule, subclass_mode_data=True, run=False, args=args)
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     expected = ["AdapterCheckpoint", "AdapterMonitor", "ALLoRARescaling", "DropoutRemoval",
-                "SDSReorthonormalization", "DropoutRemoval", "AdapterCheckpoint"]
+                "SDSReorthonormalization", "DropoutRemoval", "AdapterCheckpoint", "NonFiniteGuard",
+                "StepCheckpoint", "StepCheckpoint"]  # Lightning moves checkpoint callbacks last
     assert [n for n in names if hasattr(cb, n)] == expected
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"  # the CLI's default plugin
     allora = next(c for c in cli.trainer.callbacks if isinstance(c, cb.ALLoRARescaling))
     assert (allora.eta, allora.rows, allora.norm, allora.mode) == (2.0, "product", "norm", "backward")
 

@@ -1,7 +1,7 @@
 """Multi-device training on CPU processes (gloo): DDP and FSDP2 (ModelParallelStrategy) against one process.
 
 Two launches of this file as a script (``python tests/test_distributed.py ddp|fsdp OUT``), each a
-2-process Lightning run that trains every method (LoRA, DoRA, SDS, ALLoRA) for STEPS steps with a
+2-process Lightning run that trains every registered method (ADAPTER_METHODS) for STEPS steps with a
 per-device batch of BATCH // 2 and writes what every rank holds to OUT; the tests compare it with
 1-process runs (batch BATCH) computed here, in the pytest process, while the workers run.
 
@@ -40,6 +40,7 @@ from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lora_lightning import (  # noqa: E402
+    ADAPTER_METHODS,
     AdapterConfig,
     LoRAModule,
     adapter_layers,
@@ -52,7 +53,7 @@ from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, SDSReor
 from lora_lightning.distributed import merge_sharded  # noqa: E402
 from lora_lightning.state import full_tensor, save_adapter  # noqa: E402
 
-METHODS = ("lora", "dora", "sds", "allora")
+METHODS = tuple(sorted(ADAPTER_METHODS))  # every registered method: none escapes the parity checks
 N, BATCH, STEPS = 24, 8, 6  # 2 epochs of 3 global batches of 8 (resume at the epoch boundary, step 3)
 TOL = 1e-10
 WORLD = 2
@@ -139,18 +140,25 @@ def strategy_from(config: str):
 
 
 def count_writes(module=None) -> list[int]:
-    """A counter of the files this rank writes (wraps ``save_file`` as lora_lightning.state, or ``module``, calls
-    it)."""
+    """A counter of what this rank writes: adapter directories (``write_directory`` where save_adapter, both
+    formats, and AdapterCheckpoint call it) or, given ``module``, the files its ``save_file`` writes (interop:
+    merged exports)."""
+    import lora_lightning.callbacks.adapter_checkpoint as adapter_checkpoint
     import lora_lightning.state as state
 
-    module = module or state
-    count, save = [0], module.save_file
+    count = [0]
 
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return save(*args, **kwargs)
+    def wrap(real):
+        def counting(*args, **kwargs):
+            count[0] += 1
+            return real(*args, **kwargs)
 
-    module.save_file = counting
+        return counting
+
+    if module is None:
+        state.write_directory = adapter_checkpoint.write_directory = wrap(state.write_directory)
+    else:
+        module.save_file = wrap(module.save_file)
     return count
 
 
@@ -162,7 +170,7 @@ def worker(kind: str, out: Path) -> None:
     writes = count_writes()
     import lora_lightning.interop as interop
 
-    export_writes = count_writes(interop)  # PEFT files and merged models
+    export_writes = count_writes(interop)  # merged models
     results: dict = {}
     for method in METHODS:
         callbacks = method_callbacks(method)
@@ -392,7 +400,8 @@ def test_fsdp2_load_adapter_and_merge_sharded(fsdp, reference, method):
 def test_adapter_files_written_once_complete_and_equal_to_one_process(kind, reference, request):
     run = request.getfixturevalue(kind)
     r0, r1 = run["ranks"]
-    assert (r0["writes"], r1["writes"]) == (len(METHODS) + 1, 0)  # 4 save_adapter + AdapterCheckpoint: rank 0 only
+    # per method one save_adapter in each format, + AdapterCheckpoint's last/: rank 0 only
+    assert (r0["writes"], r1["writes"]) == (2 * len(METHODS) + 1, 0)
     for method in METHODS:
         got_dir, ref_dir = run["out"] / f"{kind}_{method}", reference[method]["file"]
         got, want = load_file(got_dir / "adapter_model.safetensors"), load_file(ref_dir / "adapter_model.safetensors")
@@ -409,7 +418,7 @@ def test_adapter_files_written_once_complete_and_equal_to_one_process(kind, refe
 def test_peft_and_merged_exports_written_once_and_equal_to_one_process(kind, reference, request):
     run = request.getfixturevalue(kind)
     r0, r1 = run["ranks"]
-    assert (r0["export_writes"], r1["export_writes"]) == (2 * len(METHODS), 0)  # rank 0 only, once each
+    assert (r0["export_writes"], r1["export_writes"]) == (len(METHODS), 0)  # merged: rank 0 only, once each
     for method in METHODS:
         ref, out = reference[method], run["out"] / f"{kind}_{method}"
         got = load_file(out.with_name(out.name + "_peft") / "adapter_model.safetensors")
@@ -435,7 +444,7 @@ def test_export_merged_of_a_sharded_transformers_model_reloads_with_the_same_log
         want = sharded_bert()(**batch).logits  # the same model, unsharded, in this process
         got = AutoModelForSequenceClassification.from_pretrained(fsdp["out"] / "fsdp_bert_merged")(**batch).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    assert (fsdp["ranks"][0]["export_writes"], fsdp["ranks"][1]["export_writes"]) == (2 * len(METHODS), 0)
+    assert (fsdp["ranks"][0]["export_writes"], fsdp["ranks"][1]["export_writes"]) == (len(METHODS), 0)
 
 
 @pytest.mark.multiprocess

@@ -20,7 +20,14 @@ from lora_lightning import (
     inject_adapters,
     load_adapter,
 )
-from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, DropoutRemoval
+from lora_lightning.callbacks import (
+    AdapterCheckpoint,
+    ALLoRARescaling,
+    DropoutRemoval,
+    GradientFlowCheck,
+    NonFiniteGuard,
+    SupervisionCheck,
+)
 
 
 def token_loader(n: int = 8, batch_size: int = 4, vocab: int = 30):
@@ -199,14 +206,20 @@ def test_configure_model_is_idempotent():
 
 
 def test_method_callbacks_added_unless_present():
+    safety = [NonFiniteGuard, GradientFlowCheck, SupervisionCheck]  # every method: on by default
     module = _net_module()
     module.trainer = cpu_trainer()
-    assert module.configure_callbacks() == []  # plain LoRA needs none
+    assert [type(c) for c in module.configure_callbacks()] == safety  # plain LoRA needs no method callback
+    assert module.configure_callbacks()[0].mode == "stop"
     allora = _net_module(adapter=AdapterConfig(method="allora", r=2))
     allora.trainer = cpu_trainer()
-    assert [type(c) for c in allora.configure_callbacks()] == [ALLoRARescaling, DropoutRemoval]
-    allora.trainer = cpu_trainer(callbacks=[ALLoRARescaling(eta=4.0)])
-    assert [type(c) for c in allora.configure_callbacks()] == [DropoutRemoval]  # the user's own instance wins
+    assert [type(c) for c in allora.configure_callbacks()] == [ALLoRARescaling, DropoutRemoval, *safety]
+    allora.trainer = cpu_trainer(callbacks=[ALLoRARescaling(eta=4.0), NonFiniteGuard(mode="skip")])
+    # the user's own instances win
+    assert [type(c) for c in allora.configure_callbacks()] == [DropoutRemoval, GradientFlowCheck, SupervisionCheck]
+    off = _net_module(nonfinite="ignore", checks=False)
+    off.trainer = cpu_trainer()
+    assert off.configure_callbacks() == []
 
 
 def test_sds_method_trains_through_its_callback():

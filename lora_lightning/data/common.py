@@ -11,6 +11,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .labels import check_num_classes, encode_labels, label_values, label_vocabulary
 from .rows import BadDataError
@@ -98,10 +99,20 @@ class SplitDataModule(LightningDataModule):
 
     The label vocabulary (labels.py) in use is ``label_names`` (None: integer ids); it is this datamodule's
     checkpoint state, and ``set_label_names`` (a checkpoint's vocabulary, or the model's) overrides the one
-    built from the data."""
+    built from the data.
+
+    The training loader is torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the shuffle
+    generator's state and how many samples were yielded) in every checkpoint, so ``fit --ckpt_path last``
+    from a mid-epoch checkpoint continues with the next unseen batch: no batch seen twice or skipped.
+
+    The datamodule stores that state too (its own ``state_dict``, restored before the dataloader is built) and
+    loads it into the new training loader itself: Lightning drops the loader states it saved when
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (LoRAModule's schedule does), because
+    the loader is then built before the checkpoint's loop state is restored (Lightning issue #20550)."""
 
     label_names: Optional[list[str]] = None
     _kept_names: Optional[list[str]] = None
+    _train_loader_state: Optional[dict] = None
 
     def _vocabulary(self, train: Dataset, label_column: str, source: str) -> Optional[list[str]]:
         """The vocabulary to use: the kept one, else ``labels`` / the training split's (labels.py); checked
@@ -134,15 +145,21 @@ class SplitDataModule(LightningDataModule):
             self.setup()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"label_names": list(self.label_names)} if self.label_names is not None else {}
+        state: dict[str, Any] = {"label_names": list(self.label_names)} if self.label_names is not None else {}
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None and trainer.state.fn == "fit" else None
+        if isinstance(loader, StatefulDataLoader):
+            state["train_loader"] = loader.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "label_names" in state_dict:
             self.set_label_names(state_dict["label_names"])
+        self._train_loader_state = state_dict.get("train_loader")
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        return (StatefulDataLoader if train else DataLoader)(
             self.splits[split],
             batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
             shuffle=train,
@@ -151,7 +168,16 @@ class SplitDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        state, self._train_loader_state = self._train_loader_state, None
+        if state is not None:  # resuming: continue where the checkpoint was taken
+            loader.load_state_dict(state)
+            if state.get("_iterator_finished") or state.get("_num_yielded", 0) >= len(loader):
+                # saved after the epoch's last batch: the first iterator after loading is that finished epoch
+                # (empty); run it out so the next one Lightning opens is the next epoch, shuffled as it would be
+                for _ in loader:
+                    pass
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
