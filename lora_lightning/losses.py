@@ -27,7 +27,7 @@ cross-entropy (Triton) on the same selected rows instead. Pure torch; no Lightni
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -49,16 +49,19 @@ def shifted_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[T
 def _chunked_loss_and_grads(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_size: int,
     need_h: bool, need_w: bool, need_b: bool,
-) -> tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """loss_sum and the gradients asked for, one chunk of logits at a time (see module docstring)."""
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(loss_sum, n_correct, and the gradients asked for), one chunk of logits at a time (see module
+    docstring); n_correct counts the rows whose argmax is the target."""
     grad_h = torch.empty_like(hidden) if need_h else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
     grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         logits = F.linear(h, weight, bias).float()  # C×V, the only vocabulary-sized buffer
         target_logit = logits.gather(1, y[:, None])
+        correct += (logits.argmax(1) == y).sum()
         row_max = logits.amax(1, keepdim=True)
         probs = logits.sub_(row_max).exp_()  # in place: exp(z − max)
         row_sum = probs.sum(1, keepdim=True)
@@ -74,7 +77,7 @@ def _chunked_loss_and_grads(
             if need_b:
                 grad_b += probs.sum(0)
         del logits, probs
-    return loss, grad_h, grad_w, grad_b
+    return loss, correct, grad_h, grad_w, grad_b
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -83,12 +86,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor, chunk_size: int):
-        loss, *saved = _chunked_loss_and_grads(hidden, weight, bias, targets, chunk_size, *ctx.needs_input_grad[:3])
+        loss, correct, *saved = _chunked_loss_and_grads(
+            hidden, weight, bias, targets, chunk_size, *ctx.needs_input_grad[:3]
+        )
         ctx.save_for_backward(*saved)
-        return loss
+        ctx.mark_non_differentiable(correct)
+        return loss, correct
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def backward(ctx, grad_loss: Tensor, _grad_correct: Optional[Tensor]):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         out_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
         out_w = grad_w * grad_loss if grad_w is not None else None
@@ -104,36 +110,53 @@ def liger_available() -> bool:
     return True
 
 
-def linear_cross_entropy_sum(
+def linear_cross_entropy(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
     bias: Optional[Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
-) -> Tensor:
-    """Σ_t cross-entropy(W·h_t + b, targets_t) over the rows of ``hidden`` (n×H) in fp32, never holding
-    more than ``chunk_size`` × V logits. ``backend``: "torch" (ours), "liger" (Liger-Kernel's fused linear
-    cross-entropy, CUDA only) or "auto" (liger on CUDA when installed, else torch)."""
+) -> tuple[Tensor, Tensor]:
+    """(Σ_t cross-entropy(W·h_t + b, targets_t) in fp32, #rows whose argmax is the target) over the rows of
+    ``hidden`` (n×H), never holding more than ``chunk_size`` × V logits. ``backend``: "torch" (ours),
+    "liger" (Liger-Kernel's fused linear cross-entropy, CUDA only) or "auto" (liger on CUDA when
+    installed, else torch)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; choose one of {', '.join(BACKENDS)}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be ≥ 1 token, got {chunk_size}")
     use_liger = backend == "liger" or (backend == "auto" and hidden.is_cuda and liger_available())
     if use_liger:
-        if not hidden.is_cuda:
-            raise ValueError("backend='liger' runs Triton kernels on CUDA only; use backend='torch' on CPU")
-        if not liger_available():
-            raise ImportError("backend='liger' needs liger-kernel: pip install 'lora-lightning[liger]'")
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-
-        if hidden.shape[0] == 0:
-            return hidden.sum(dtype=torch.float32) * 0.0
-        return liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum").float()
+        return _liger(hidden, weight, targets, bias)
     tensors = (hidden, weight) if bias is None else (hidden, weight, bias)
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):  # evaluation: no gradients
-        return _chunked_loss_and_grads(hidden, weight, bias, targets, int(chunk_size), False, False, False)[0]
+        return tuple(_chunked_loss_and_grads(hidden, weight, bias, targets, int(chunk_size), False, False, False)[:2])
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, bias, targets, int(chunk_size))
+
+
+def _liger(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    if not hidden.is_cuda:
+        raise ValueError("backend='liger' runs Triton kernels on CUDA only; use backend='torch' on CPU")
+    if not liger_available():
+        raise ImportError("backend='liger' needs liger-kernel: pip install 'lora-lightning[liger]'")
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    n = targets.shape[0]
+    if n == 0:
+        return hidden.sum(dtype=torch.float32) * 0.0, torch.zeros((), dtype=torch.long, device=hidden.device)
+    out = liger_fused_linear_cross_entropy(hidden, weight, targets, bias=bias, reduction="sum",
+                                           return_token_accuracy=True)
+    return out.loss.float(), (out.token_accuracy.detach() * n).round().long()
+
+
+class LMLoss(NamedTuple):
+    """A causal-LM batch's loss as a sum over its target tokens, their count, and how many of them the
+    model's argmax predicts (token accuracy = n_correct / n_targets)."""
+
+    loss_sum: Tensor
+    n_targets: Tensor
+    n_correct: Tensor
 
 
 def causal_lm_loss(
@@ -144,19 +167,21 @@ def causal_lm_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
     ignore_index: int = IGNORE_INDEX,
-) -> tuple[Tensor, Tensor]:
-    """(loss_sum, n_targets) of next-token cross-entropy from the final hidden states (B×T×H), ``labels``
-    (B×T, ``ignore_index`` = no target) and the lm_head's ``weight`` (V×H) and ``bias``: HF's causal-LM
-    loss equals loss_sum / n_targets. Positions without a target never reach the lm_head; a batch without
-    any target gives (0, 0), with a zero gradient, never NaN."""
+) -> LMLoss:
+    """Next-token cross-entropy from the final hidden states (B×T×H), ``labels`` (B×T, ``ignore_index`` =
+    no target) and the lm_head's ``weight`` (V×H) and ``bias``: HF's causal-LM loss equals
+    loss_sum / n_targets. Positions without a target never reach the lm_head; a batch without any target
+    gives (0, 0, 0), with a zero gradient, never NaN."""
     if hidden_states.shape[:2] != labels.shape:
         raise ValueError(
             f"hidden states {tuple(hidden_states.shape)} and labels {tuple(labels.shape)} disagree: "
             "labels must be B×T for hidden states B×T×H"
         )
     mask, targets = shifted_targets(labels, ignore_index)
-    loss_sum = linear_cross_entropy_sum(hidden_states[mask], weight, targets, bias, chunk_size, backend)
-    return loss_sum, mask.sum()
+    loss_sum, n_correct = linear_cross_entropy(hidden_states[mask], weight, targets, bias, chunk_size, backend)
+    return LMLoss(loss_sum, mask.sum(), n_correct)
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "IGNORE_INDEX", "causal_lm_loss", "linear_cross_entropy_sum", "shifted_targets"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE", "IGNORE_INDEX", "LMLoss", "causal_lm_loss", "linear_cross_entropy", "shifted_targets",
+]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lora_lightning.losses import causal_lm_loss, linear_cross_entropy_sum, liger_available, shifted_targets
+from lora_lightning.losses import causal_lm_loss, linear_cross_entropy, liger_available, shifted_targets
 
 
 def tiny_qwen2(tied: bool, seed: int = 0):
@@ -51,11 +51,13 @@ def test_chunked_loss_equals_hf_loss_and_gradients(tied):
     expected = grads(model)
     model.zero_grad(set_to_none=True)
 
-    loss_sum, n = ours(model, batch, labels, chunk_size=5)  # 13 targets: three chunks, the last one ragged
+    loss_sum, n, n_correct = ours(model, batch, labels, chunk_size=5)  # 13 targets: three chunks, the last one ragged
     assert int(n) == int((labels[:, 1:] != -100).sum()) == 13
     (loss_sum / n).backward()
     got = grads(model)
     torch.testing.assert_close(loss_sum / n, expected_loss, rtol=1e-5, atol=1e-6)
+    logits = model(**batch).logits[:, :-1][labels[:, 1:] != -100]
+    assert int(n_correct) == int((logits.argmax(-1) == labels[:, 1:][labels[:, 1:] != -100]).sum())
     assert set(got) == set(expected)
     assert ("lm_head.weight" in got) is (not tied)  # untied: the lm_head has its own gradient
     for name in expected:
@@ -67,16 +69,16 @@ def test_rows_without_targets_and_all_masked_batch():
     batch, labels = labelled_batch()
     hidden = model.model(**batch).last_hidden_state.detach().requires_grad_()
     # a row with no target adds nothing and gets a zero gradient
-    loss_sum, n = causal_lm_loss(hidden, labels, model.lm_head.weight.detach())
+    loss_sum, n, _ = causal_lm_loss(hidden, labels, model.lm_head.weight.detach())
     loss_sum.backward()
     assert torch.all(hidden.grad[2] == 0)
     assert torch.all(hidden.grad[3, :9] == 0) and torch.any(hidden.grad[3, 9] != 0)
     assert torch.all(hidden.grad[:, -1] == 0)  # the last position never has a target
     # a batch without a single target: (0, 0), a zero gradient, no NaN
     hidden.grad = None
-    loss_sum, n = causal_lm_loss(hidden, torch.full_like(labels, -100), model.lm_head.weight.detach())
+    loss_sum, n, n_correct = causal_lm_loss(hidden, torch.full_like(labels, -100), model.lm_head.weight.detach())
     (loss_sum / n.clamp(min=1)).backward()
-    assert float(loss_sum) == 0.0 and int(n) == 0
+    assert float(loss_sum) == 0.0 and int(n) == 0 and int(n_correct) == 0
     assert torch.all(hidden.grad == 0)
 
 
@@ -87,7 +89,7 @@ def test_bias_and_bf16_follow_plain_cross_entropy():
     y = torch.randint(0, 50, (13,), generator=g)
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         hs, ws, bs = (t.to(dtype).clone().requires_grad_() for t in (h, w, b))
-        linear_cross_entropy_sum(hs, ws, y, bs, chunk_size=4).backward()
+        linear_cross_entropy(hs, ws, y, bs, chunk_size=4)[0].backward()
         got = [t.grad.float() for t in (hs, ws, bs)]
         hr, wr, br = (t.to(dtype).clone().requires_grad_() for t in (h, w, b))
         ref = F.cross_entropy(F.linear(hr, wr, br).float(), y, reduction="sum")  # HF's way: upcast logits
@@ -101,9 +103,11 @@ def test_no_grad_forward_gives_the_loss_only():
     h, w = torch.randn(6, 8, generator=g, requires_grad=True), torch.randn(20, 8, generator=g)
     y = torch.randint(0, 20, (6,), generator=g)
     with torch.no_grad():
-        loss = linear_cross_entropy_sum(h, w, y, chunk_size=4)
+        loss, n_correct = linear_cross_entropy(h, w, y, chunk_size=4)
     assert not loss.requires_grad
-    torch.testing.assert_close(loss, F.cross_entropy(h.detach() @ w.T, y, reduction="sum"))
+    logits = h.detach() @ w.T
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y, reduction="sum"))
+    assert int(n_correct) == int((logits.argmax(-1) == y).sum())
 
 
 def test_shifted_targets_and_bad_input():
@@ -114,7 +118,7 @@ def test_shifted_targets_and_bad_input():
     with pytest.raises(ValueError, match="labels must be B×T"):
         causal_lm_loss(torch.zeros(2, 3, 4), labels, torch.zeros(7, 4))
     with pytest.raises(ValueError, match="backend='liger' runs Triton kernels on CUDA only"):
-        linear_cross_entropy_sum(torch.zeros(2, 4), torch.zeros(7, 4), torch.zeros(2, dtype=torch.long),
+        linear_cross_entropy(torch.zeros(2, 4), torch.zeros(7, 4), torch.zeros(2, dtype=torch.long),
                                  backend="liger")
 
 
@@ -126,8 +130,8 @@ def test_liger_matches_ours_on_cuda():
     y = torch.randint(0, 1000, (300,), device="cuda", generator=g)
     results = []
     for backend in ("torch", "liger"):
-        loss = linear_cross_entropy_sum(h, w, y, chunk_size=64, backend=backend)
+        loss, n_correct = linear_cross_entropy(h, w, y, chunk_size=64, backend=backend)
         gh, gw = torch.autograd.grad(loss, (h, w))
-        results.append((loss, gh, gw))
+        results.append((loss, n_correct, gh, gw))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
