@@ -147,6 +147,8 @@ class LoRAModule(LightningModule):
             what ``trainer.precision: bf16-true`` sets); with "bf16"/"fp16" the adapters and modules trained
             in full stay float32 (``adapter.dtype`` overrides).
         gradient_checkpointing: recompute activations in backward (transformers models).
+        task_options: keyword arguments of the task (e.g. the causal LM's ``loss_chunk_size``: tokens per
+            chunk of the target-only lm_head + cross-entropy, 0 = the model's full logits; ``loss_backend``).
         generation: decoding options of ``predict`` and the generation callback (causal LM).
     """
 
@@ -168,6 +170,7 @@ class LoRAModule(LightningModule):
         init_seed: Optional[int] = None,
         dtype: Optional[str] = None,
         gradient_checkpointing: bool = False,
+        task_options: Optional[dict[str, Any]] = None,
         generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - copied in __init__
     ) -> None:
         super().__init__()
@@ -184,7 +187,7 @@ class LoRAModule(LightningModule):
         self.base_dtype = parse_dtype(dtype)
         self.generation = as_generation_options(generation)
         self.task_name = default_task(backbone) if task == "auto" else task
-        self.task = get_task(self.task_name)
+        self.task = get_task(self.task_name, task_options)
         self.lr = lr if lr is not None else DEFAULT_LR.get(self.adapter_config.scaling_rule, DEFAULT_LR["lora"])
         self.head_lr = head_lr if head_lr is not None else self.lr
         self.decay_on = decay_on
