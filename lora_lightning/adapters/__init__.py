@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from .base import SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
 from .dora import DoRALayer
+from .functional import ALLoRAConv2dFunction, LoRAFunction, allora_coefficients
 from .lora import SCALING_RULES, LoRALayer, scaling_for
 from .sds import SDSLayer, export_as_lora
 
@@ -22,6 +23,8 @@ class AdapterMethod:
     scaling: str
     paper: str
     forces_no_dropout: bool = False
+    #: ALLoRA's per-row backward rule on (η = ``AdapterConfig.eta``)
+    allora_rule: bool = False
 
 
 ADAPTER_METHODS: dict[str, AdapterMethod] = {}
@@ -35,13 +38,18 @@ register_method("lora", AdapterMethod(LoRALayer, "lora", "Hu et al. 2021, arXiv 
 register_method("rslora", AdapterMethod(LoRALayer, "rslora", "Kalajdzievski 2023, arXiv 2312.03732"))
 register_method("lora_alpha", AdapterMethod(LoRALayer, "lora_alpha", "LoRA-α, arXiv 2606.12883"))
 register_method(
-    "allora", AdapterMethod(LoRALayer, "none", "Huang & Balestriero 2024, arXiv 2410.09692", forces_no_dropout=True)
+    "allora",
+    AdapterMethod(
+        LoRALayer, "none", "Huang & Balestriero 2024, arXiv 2410.09692", forces_no_dropout=True, allora_rule=True
+    ),
 )
 register_method("dora", AdapterMethod(DoRALayer, "lora", "Liu et al. 2024, arXiv 2402.09353"))
 register_method("sds", AdapterMethod(SDSLayer, "lora", "SDS-LoRA, arXiv 2606.16454"))
 
 __all__ = [
     "ADAPTER_METHODS",
+    "ALLoRAConv2dFunction",
+    "LoRAFunction",
     "SCALING_RULES",
     "SUPPORTED_BASE_TYPES",
     "AdapterLayer",
@@ -49,6 +57,7 @@ __all__ = [
     "DoRALayer",
     "LoRALayer",
     "SDSLayer",
+    "allora_coefficients",
     "base_kind",
     "base_shape",
     "export_as_lora",
