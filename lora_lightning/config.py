@@ -63,6 +63,8 @@ class AdapterConfig:
             starts at η (arXiv 2410.09692 §4.2; η = 2 in its listing, η² ∈ {1, 2, 4} in its sweeps).
         fused: run Linear / Conv1D adapter layers as one autograd Function that keeps only the input for
             backward (``adapters/functional.py``); False keeps the plain autograd path (for debugging).
+        fused_mlp: with ``fused``, run Llama/Qwen-style gated MLPs whose gate/up/down projections are all
+            adapted as one Function keeping x, gate and up outputs only (``adapters/gated_mlp.py``).
     """
 
     method: str = "lora"
@@ -79,6 +81,7 @@ class AdapterConfig:
     dtype: Optional[str] = None
     eta: float = 2.0
     fused: bool = True
+    fused_mlp: bool = True
 
     def __post_init__(self) -> None:
         methods = sorted(ADAPTER_METHODS)
