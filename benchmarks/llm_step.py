@@ -47,7 +47,7 @@ MODEL = dict(
     num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
     tie_word_embeddings=True,
 )
-BATCH, SEQ, PROMPT = 2, 512, 128
+BATCH, SEQ = 2, 512
 R, ALPHA = 16, 32
 
 
@@ -81,7 +81,7 @@ def build(cfg: dict):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(**MODEL))
+    model = Qwen2ForCausalLM(Qwen2Config(**MODEL, attn_implementation="sdpa"))
     callbacks = []
     if cfg["impl"] == "floor":
         model.requires_grad_(False)
@@ -100,7 +100,9 @@ def build(cfg: dict):
         inject_adapters(model, adapter, verbose=False)
         callbacks = [cls() for cls in METHOD_CALLBACKS.get(cfg["method"], [])]
     if cfg["ckpt"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lora_lightning.module import enable_gradient_checkpointing  # what model.gradient_checkpointing runs
+
+        enable_gradient_checkpointing(model)
     return model.train(), callbacks
 
 
@@ -110,18 +112,15 @@ def make_batch():
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, MODEL["vocab_size"], (BATCH, SEQ), generator=g)
     labels = ids.clone()
-    labels[:, :PROMPT] = -100
+    labels[:, : SEQ // 4] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels
 
 
-def loss_fn(cfg: dict, model, batch, labels):
+def loss_fn(cfg: dict, model, batch, labels, task):
     if cfg["impl"] != "ours":
         return model(**batch, labels=labels).loss
-    from lora_lightning.losses import causal_lm_loss
-
-    hidden = model.model(**batch).last_hidden_state
-    loss_sum, n, _ = causal_lm_loss(hidden, labels, model.lm_head.weight, model.lm_head.bias)
-    return loss_sum / n.clamp(min=1)
+    out = task.forward(model, {**batch, "labels": labels})  # what LoRAModule.training_step runs
+    return out.loss_sum / out.n_targets.clamp(min=1)
 
 
 def child(name: str, steps: int, warmup: int) -> dict:
@@ -130,7 +129,10 @@ def child(name: str, steps: int, warmup: int) -> dict:
     sys.path.insert(0, str(HERE))
     from step_time import CallbackDriver
 
+    from lora_lightning.tasks import CausalLM
+
     cfg = configs()[name]
+    task = CausalLM()
     model, callbacks = build(cfg)
     batch, labels = make_batch()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -140,7 +142,7 @@ def child(name: str, steps: int, warmup: int) -> dict:
     for i in range(warmup + steps):
         before = rss_bytes()
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = loss_fn(cfg, model, batch, labels)
+        loss = loss_fn(cfg, model, batch, labels, task)
         held.append(rss_bytes() - before)
         loss.backward()
         for d in drivers:
@@ -165,7 +167,8 @@ def child(name: str, steps: int, warmup: int) -> dict:
 def run_child(name: str, args) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--layers", str(args.layers), "--seq", str(args.seq), "--vocab", str(args.vocab)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -178,7 +181,8 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
         times = [t for r in runs for t in r["times"]]
         step = statistics.median(times)
         rows.append({
-            "name": name, "step": step, "cpu": statistics.median(c for r in runs for c in r["cpu"]), "tok_s": BATCH * (SEQ - PROMPT) / step,
+            "name": name, "step": step, "cpu": statistics.median(c for r in runs for c in r["cpu"]),
+            "tok_s": BATCH * (SEQ - SEQ // 4) / step,
             "held": statistics.median(r["held"] for r in runs), "peak": statistics.median(r["peak"] for r in runs),
             "n": len(times), "trainable": runs[0]["trainable"],
         })
@@ -247,6 +251,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
+    global SEQ
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="all", help="comma list of config names, or 'all' (see --list)")
     p.add_argument("--rounds", type=int, default=2, help="fresh processes per config, interleaved")
@@ -255,8 +260,13 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "docs" / "llm_step.png"), help="'' = no plot")
     p.add_argument("--json", default="", help="write the per-process results here")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"], help="decoder layers (smoke tests)")
+    p.add_argument("--seq", type=int, default=SEQ, help="tokens per row (smoke tests)")
+    p.add_argument("--vocab", type=int, default=MODEL["vocab_size"], help="vocabulary (smoke tests)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
+    SEQ = args.seq
+    MODEL.update(num_hidden_layers=args.layers, vocab_size=args.vocab)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.warmup)))
         return

@@ -12,7 +12,9 @@ nothing: their input gradient needs only W0):
     norm            RMSNorm: its input in fp32 + 1/rms (4H + 4); LayerNorm: its input + mean + 1/σ (dH + 8)
     attention       SDPA / flash: q, k, v, output (d·(2·n_h + 2·n_kv)·h_d) + log-sum-exp (4·n_h);
                     eager adds the attention probabilities (n_h·T·(4 + d)) and k, v repeated to n_h heads
-    MLP             gated (Llama, Qwen): the gate, its activation and the up projection (3·d·I);
+    MLP             gated (Llama, Qwen): the gate, its activation and the up projection (3·d·I); the fused
+                    gated-MLP Function (``adapters/gated_mlp.py``): the gate and up outputs (2·d·I), the
+                    product feeding down_proj is recomputed, not kept;
                     plain (GPT-2, BERT): the activation's saved inputs (1·d·I for GELU / SiLU, 4·d·I for
                     transformers' tanh-GELU written out in Python)
     adapters        per input an adapted layer reads (the attention input, the attention output, the MLP input,
@@ -42,6 +44,7 @@ from torch import nn
 
 from .adapters import AdapterLayer, DoRALayer, SDSLayer
 from .adapters.base import base_kind, base_shape
+from .adapters.gated_mlp import is_patched
 from .inject import adapter_layers
 
 MiB = 2**20
@@ -195,16 +198,20 @@ def activation_bytes(
     # MLP
     acts = [type(m).__name__ for m in block.modules() if type(m).__name__ in ACTIVATION_SAVES]
     act_saves = ACTIVATION_SAVES[acts[0]] if acts else 2
-    per_token += d * inter * (act_saves + 2 if gated else act_saves)
+    fused_mlp = any(is_patched(m) for m in block.modules())
+    if fused_mlp:  # GatedMLPFunction: its input (counted below), the gate and up outputs
+        per_token += d * 2 * inter
+    else:
+        per_token += d * inter * (act_saves + 2 if gated else act_saves)
     # adapters: each adapted input once, then per layer its own extras
-    adapted_roles = {roles[n] for n in adapters}
+    adapted_roles = {roles[n] for n in adapters} - ({"mlp_out"} if fused_mlp else set())
     for role in adapted_roles:
         width = next(widths[n] for n in adapters if roles[n] == role)
         per_token += d * width
     unknown = [n for n in adapters if roles[n] is None]
     for name, layer in adapters.items():
         width, out = widths[name], base_shape(layer.base)[0]
-        fused = bool(getattr(layer, "fused", False)) and not isinstance(layer, DoRALayer)
+        fused = layer.fused and layer.fusable and layer.kind != "conv2d"
         if roles[name] is None:
             per_token += d * width
         if not fused:
