@@ -20,6 +20,7 @@ Measures, each config in a fresh process (configs interleaved round-robin, ``--r
            MALLOC_TRIM_THRESHOLD_=0, set for the child); this matches the bytes
            ``torch.autograd.graph.saved_tensors_hooks`` sees (parameters saved by reference excluded)
   peak     the child's peak RSS (ru_maxrss), model build included
+  estimate (ours) what ``lora_lightning.memory.activation_bytes`` predicts for "held" (fit's memory report)
 
 Ours runs the way ``LoRAModule`` trains a ``causal_lm`` task: decoder → final hidden states → the target-only
 chunked loss (``lora_lightning.losses``); gradient checkpointing via transformers' own
@@ -156,8 +157,14 @@ def child(name: str, steps: int, warmup: int) -> dict:
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         del loss
+    estimate = None
+    if cfg["impl"] == "ours":  # what fit's memory report says for this run (lora_lightning.memory)
+        from lora_lightning.memory import activation_bytes
+
+        estimate = activation_bytes(model, BATCH, SEQ, target_tokens=BATCH * (SEQ - SEQ // 4),
+                                    loss_chunk_size=task.loss_chunk_size)
     return {
-        "name": name, "times": times, "cpu": cpu, "held": held[-1],
+        "name": name, "times": times, "cpu": cpu, "held": held[-1], "estimate": estimate,
         "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "trainable": sum(p.numel() for p in params), "threads": torch.get_num_threads(),
     }
@@ -184,7 +191,7 @@ def summarise(results: dict[str, list[dict]]) -> list[dict]:
             "name": name, "step": step, "cpu": statistics.median(c for r in runs for c in r["cpu"]),
             "tok_s": BATCH * (SEQ - SEQ // 4) / step,
             "held": statistics.median(r["held"] for r in runs), "peak": statistics.median(r["peak"] for r in runs),
-            "n": len(times), "trainable": runs[0]["trainable"],
+            "n": len(times), "trainable": runs[0]["trainable"], "estimate": runs[0].get("estimate"),
         })
     return rows
 
@@ -193,16 +200,17 @@ def print_table(rows: list[dict]) -> str:
     by = {r["name"]: r for r in rows}
     ref = by.get("peft-lora-d0.05")
     lines = [
-        "| config | step s | CPU s | target tok/s | held MiB | peak RSS MiB | step / PEFT LoRA d0.05 | held / PEFT LoRA d0.05 "
-        "| held / PEFT LoRA ckpt | n steps |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| config | step s | CPU s | target tok/s | held MiB | estimate MiB | peak RSS MiB | step / PEFT LoRA d0.05 "
+        "| held / PEFT LoRA d0.05 | held / PEFT LoRA ckpt | n steps |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ckpt = by.get("peft-lora-d0-ckpt")
     for r in rows:
         rs = f"{r['step'] / ref['step']:.2f}×" if ref else "–"
         rh = f"{r['held'] / ref['held']:.2f}×" if ref else "–"
         rc = f"{r['held'] / ckpt['held']:.2f}×" if ckpt else "–"
-        lines.append(f"| {r['name']} | {r['step']:.2f} | {r['cpu']:.2f} | {r['tok_s']:.0f} | {r['held'] / 2**20:,.0f} | "
+        est = f"{r['estimate'] / 2**20:,.0f} ({r['estimate'] / r['held']:.2f}×)" if r.get("estimate") else "–"
+        lines.append(f"| {r['name']} | {r['step']:.2f} | {r['cpu']:.2f} | {r['tok_s']:.0f} | {r['held'] / 2**20:,.0f} | {est} | "
                      f"{r['peak'] / 2**20:,.0f} | {rs} | {rh} | {rc} | {r['n']} |")
     text = "\n".join(lines)
     print(text)
@@ -260,6 +268,7 @@ def main() -> None:
     p.add_argument("--plot", default=str(ROOT / "docs" / "llm_step.png"), help="'' = no plot")
     p.add_argument("--json", default="", help="write the per-process results here")
     p.add_argument("--list", action="store_true")
+    p.add_argument("--from-json", default="", help="print the table and plot from a --json file of an earlier run")
     p.add_argument("--layers", type=int, default=MODEL["num_hidden_layers"], help="decoder layers (smoke tests)")
     p.add_argument("--seq", type=int, default=SEQ, help="tokens per row (smoke tests)")
     p.add_argument("--vocab", type=int, default=MODEL["vocab_size"], help="vocabulary (smoke tests)")
@@ -273,6 +282,12 @@ def main() -> None:
     available = configs()
     if args.list:
         print("\n".join(f"{k}: {v}" for k, v in available.items()))
+        return
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        print_table(summarise(results))
+        if args.plot:
+            plot(summarise(results), Path(args.plot))
         return
     names = list(available) if args.configs == "all" else args.configs.split(",")
     unknown = [n for n in names if n not in available]
