@@ -66,7 +66,11 @@ weights, which FSDP2 needs (it does not broadcast). See ``lora_lightning.distrib
 Memory: ``dtype`` ("bf16", "fp16") loads the frozen backbone in that dtype while the adapters (and the
 modules trained in full) stay float32, so their AdamW moments are float32 too; ``gradient_checkpointing``
 recomputes each transformer block's activations in backward (transformers' non-reentrant checkpointing: no
-input needs ``requires_grad``, so frozen embeddings are fine).
+input needs ``requires_grad``, so frozen embeddings are fine); ``activation_offload`` (CUDA only) moves what
+the forward saves for backward to pinned CPU memory (``lora_lightning.offload``: costs PCIe time, see there).
+At the start of ``fit`` the expected peak memory per device is printed (``lora_lightning.memory``: frozen
+weights, adapters + gradients + AdamW state, activations of one micro-batch of the datamodule's
+``batch_size`` × ``max_length``) with a warning when it exceeds the device's free memory.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ from .config import AdapterConfig, parse_dtype
 from .distributed import shard_adapters
 from .generation import GenerationOptions, as_generation_options
 from .inject import adapter_layers, inject_adapters
+from .memory import available_memory, estimate_memory
+from .offload import offload_activations
 from .state import adapter_state_dict
 from .tasks import ClassificationTask, get_task
 
@@ -194,6 +200,9 @@ class LoRAModule(LightningModule):
             what ``trainer.precision: bf16-true`` sets); with "bf16"/"fp16" the adapters and modules trained
             in full stay float32 (``adapter.dtype`` overrides).
         gradient_checkpointing: recompute activations in backward (transformers models).
+        activation_offload: on CUDA, keep the tensors saved for backward in pinned CPU memory (refused on CPU).
+        task_options: keyword arguments of the task (e.g. the causal LM's ``loss_chunk_size``: tokens per
+            chunk of the target-only lm_head + cross-entropy, 0 = the model's full logits; ``loss_backend``).
         generation: decoding options of ``predict`` and the generation callback (causal LM).
         compile: ``torch.compile`` the adapted backbone in place (``nn.Module.compile``: state dict keys
             unchanged) after injection and sharding. The adapter layers, the fused Functions and the patched
@@ -224,6 +233,8 @@ class LoRAModule(LightningModule):
         init_seed: Optional[int] = None,
         dtype: Optional[str] = None,
         gradient_checkpointing: bool = False,
+        activation_offload: bool = False,
+        task_options: Optional[dict[str, Any]] = None,
         generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - copied in __init__
         compile: bool = False,
         nonfinite: str = "stop",
@@ -247,7 +258,7 @@ class LoRAModule(LightningModule):
         self.base_dtype = parse_dtype(dtype)
         self.generation = as_generation_options(generation)
         self.task_name = default_task(backbone) if task == "auto" else task
-        self.task = get_task(self.task_name)
+        self.task = get_task(self.task_name, task_options)
         self.lr = lr if lr is not None else default_lr(self.adapter_config)
         self.head_lr = head_lr if head_lr is not None else self.lr
         self.decay_on = decay_on
@@ -369,7 +380,11 @@ class LoRAModule(LightningModule):
 
     # -- steps ------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss_sum, n = self.task.loss(self.model, batch)
+        if self.hparams.activation_offload:
+            with offload_activations(self.model):
+                loss_sum, n = self.task.loss(self.model, batch)
+        else:
+            loss_sum, n = self.task.loss(self.model, batch)
         n = n.detach()
         self._step_targets = n if self._step_targets is None else self._step_targets + n
         self.log("train_loss", loss_sum.detach() / n.clamp_min(1), prog_bar=True, batch_size=1)
@@ -400,6 +415,51 @@ class LoRAModule(LightningModule):
 
     def on_train_start(self) -> None:
         self._step_targets = None
+
+    def on_fit_start(self) -> None:
+        if self.hparams.activation_offload and self.device.type != "cuda":
+            raise ValueError(
+                f"model.activation_offload moves the tensors saved for backward to pinned CPU memory, which only "
+                f"helps on CUDA; this run is on {self.device.type}: set model.activation_offload: false"
+            )
+        if self.global_rank == 0:
+            self.report_memory()
+
+    def report_memory(self) -> None:
+        """Print the expected peak memory of a training step (``lora_lightning.memory``) and warn when it
+        exceeds what the device has free. The micro-batch is the datamodule's ``batch_size`` × ``max_length``."""
+        dm = getattr(self.trainer, "datamodule", None)
+        hp = getattr(dm, "hparams", {}) or {}
+        batch, length = hp.get("batch_size"), hp.get("max_length")
+        precision = str(getattr(self.trainer, "precision", ""))
+        compute = torch.bfloat16 if "bf16" in precision else torch.float16 if precision.startswith("16") else None
+        if batch and length:
+            estimate = estimate_memory(
+                self.model, int(batch), int(length), gradient_checkpointing=bool(self.hparams.gradient_checkpointing),
+                loss_chunk_size=getattr(self.task, "loss_chunk_size", None), compute_dtype=compute,
+            )
+            shape = f"micro-batch {batch} × {length} tokens"
+        else:
+            estimate = estimate_memory(self.model, 1, 1)
+            estimate.activations = None
+            estimate.transient = 0
+            estimate.notes.append("the datamodule has no batch_size / max_length: activations not estimated")
+            shape = "no batch shape known"
+        if self.hparams.activation_offload:
+            estimate.notes.append("activation_offload: the activations above sit in pinned host memory instead")
+            offloaded = estimate.activations or 0
+            estimate.activations = None if estimate.activations is None else 0
+            estimate.notes.append(f"host memory for them: {offloaded / 2**20:,.1f} MiB")
+        if self.trainer.world_size > 1:
+            estimate.notes.append(f"per device of {self.trainer.world_size}; FSDP shards weights and state further")
+        available, where = available_memory(self.device)
+        print(f"memory estimate per device ({shape}, {self.device}):\n{estimate.table(available, where)}")
+        if available is not None and estimate.peak > available:
+            rank_zero_warn(
+                f"the expected peak memory ({estimate.peak / 2**30:.2f} GiB) exceeds the {where} "
+                f"({available / 2**30:.2f} GiB): lower data.batch_size or data.max_length, or set "
+                "model.gradient_checkpointing: true, model.dtype: bf16, model.activation_offload: true (CUDA)"
+            )
 
     def on_fit_end(self) -> None:
         summary = self.task.summary(self.trainer.callback_metrics)
