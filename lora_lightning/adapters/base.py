@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantize import dense_weight
+
 SUPPORTED_BASE_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d (groups=1)"
 
 
@@ -124,7 +126,8 @@ class AdapterLayer(nn.Module):
     def merge(self) -> None:
         """W0 ← W0 + ΔW; forward then runs the base layer alone. Idempotent."""
         if not self.merged:
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            weight = dense_weight(self.base)  # a 4-bit W0 is dequantised first: ΔW would round away
+            weight.add_(self.delta_weight().to(weight.dtype))
             self.merged = True
 
     @torch.no_grad()

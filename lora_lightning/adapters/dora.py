@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantize import dense_weight, dequantize
 from .lora import LoRALayer
 
 
@@ -59,7 +60,7 @@ class DoRALayer(LoRALayer):
     def weight_norm(self, w0: Tensor | None = None) -> Tensor:
         """n = ‖W0 + s·B·A‖ per output row, shape (out,), at least float32, detached, autocast off; clamped at 1e-12
         so that an all-zero row (m = n = 0) gives a zero output row instead of 0/0."""
-        w0 = self._matrix(self.base.weight) if w0 is None else w0
+        w0 = self._matrix(dequantize(self.base.weight)) if w0 is None else w0
         with torch.autocast(w0.device.type, enabled=False):
             w = torch.addmm(w0, self.lora_B.to(w0.dtype), self.lora_A.to(w0.dtype), alpha=self.scaling)
             dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 → fp32; fp64 stays fp64
@@ -116,7 +117,7 @@ class DoRALayer(LoRALayer):
         """W0 ← (m/n) ⊙ (W0 + s·B·A); stores n and the rows with m = 0 so ``unmerge`` is exact. Idempotent."""
         if self.merged:
             return
-        w0 = self._matrix(self.base.weight)
+        w0 = self._matrix(dense_weight(self.base))  # QDoRA: a 4-bit W0 is dequantised before merging
         rows = (self.magnitude == 0).nonzero().flatten()
         self._merge_state = (self.weight_norm(w0), rows, w0[rows].clone())
         self.base.weight.copy_(self.to_base_layout(self._merged_matrix(w0)))

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..quantize import is_quantized
 from .base import AdapterLayer
 
 SCALING_RULES = ("lora", "rslora", "lora_alpha", "none")
@@ -58,7 +59,8 @@ class LoRALayer(AdapterLayer):
     ) -> None:
         super().__init__(base, scaling, dropout)
         self.r = r
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        dtype = torch.float32 if is_quantized(base.weight) else base.weight.dtype  # QLoRA: fp32 adapters
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.init = init

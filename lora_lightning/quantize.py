@@ -1,0 +1,426 @@
+"""QLoRA: keep the frozen linear weights in 4 bits (Dettmers et al. 2023, arXiv 2305.14314). Pure torch + torchao.
+
+Storage (``quantize="nf4"``, torchao's ``NF4Tensor``; QLoRA §3, "4-bit NormalFloat" and "Double Quantization"):
+
+    W0 ≈ c2 · code[q]      q ∈ {0..15}: 4-bit indices into the 16 NF4 levels (quantiles of N(0, 1)),
+                           one absmax scale c2 per block of 64 weights, and the c2 themselves quantised
+                           to 8 bits with one fp32 scale per block of 256 scales (double quantisation),
+
+i.e. 4 + 8/64 + 32/(64·256) ≈ 4.127 bits a weight: a 1024×1024 matrix takes 0.26× its bf16 bytes.
+The matmul dequantises W0 to the compute dtype block by block (``linear_nf4``): y = x·deq(W0)ᵀ; the input
+gradient flows through the same dequantised matrix, W0 itself never gets one.
+
+What is quantised: every ``nn.Linear`` whose weight is frozen, the adapted ones under their adapter layers
+included. What is not: embeddings, norms, trained modules (a task head) and the ``lm_head`` (its logits are
+the most rounding-sensitive; ``quantize_lm_head=True`` quantises it too).
+
+``bnb-nf4`` does the same with bitsandbytes' ``Linear4bit`` (CUDA only; ``pip install bitsandbytes``).
+
+Merging (``dense_weight``) always dequantises first: adding ΔW to 4-bit codes would round most of it away
+(the usual "merged QLoRA model answers differently" failure), so a merged layer holds a dense weight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+QUANTIZE_MODES = ("none", "nf4", "bnb-nf4")
+NF4_BLOCK_SIZE = 64  # weights per absmax scale (QLoRA)
+NF4_SCALER_BLOCK_SIZE = 256  # scales per second-level scale (double quantisation)
+
+
+def _nf4_module():
+    try:
+        from torchao.quantization.quantize_.workflows.nf4 import nf4_tensor
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "quantize='nf4' needs torchao (pip install 'lora-lightning[qlora]' or pip install torchao)"
+        ) from err
+    return nf4_tensor
+
+
+def is_quantized(weight: Tensor) -> bool:
+    """True for a 4-bit weight (torchao NF4Tensor, bitsandbytes Params4bit)."""
+    return type(weight).__name__ in ("NF4Tensor", "Params4bit")
+
+
+# The 16 NF4 levels (QLoRA Appendix E), as torchao stores them.
+NF4_LEVELS = (
+    -1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
+    0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0,
+)
+_CHUNK = 1 << 20
+
+
+def _nf4_codes(blocks: Tensor, levels: Tensor) -> Tensor:
+    """Index of the nearest NF4 level of each absmax-scaled weight, two 4-bit codes per byte.
+
+    torchao compares every weight with all 16 levels (a numel×16 temporary, ~1 µs a weight on CPU); the
+    levels are sorted, so the nearest one is a binary search among the 15 midpoints, done in fp32 in
+    chunks of 2^20 weights (nearest in exact arithmetic; torchao's bf16 differences can round a near-tie
+    the other way, never to a farther level by more than that rounding)."""
+    scaled = blocks.flatten()
+    mids = ((levels[1:].float() + levels[:-1].float()) / 2).contiguous()
+    codes = torch.empty(scaled.numel(), dtype=torch.uint8, device=scaled.device)
+    for start in range(0, scaled.numel(), _CHUNK):
+        chunk = scaled[start : start + _CHUNK].float()
+        codes[start : start + _CHUNK] = torch.bucketize(chunk, mids).to(torch.uint8)
+    return codes[::2] << 4 | codes[1::2]
+
+
+def to_nf4(weight: Tensor) -> Tensor:
+    """``weight`` as a torchao NF4Tensor (block 64, double-quantised scales), in ``weight``'s dtype.
+
+    Same storage and scales as torchao's ``to_nf4``; the 4-bit codes come from ``_nf4_codes`` (about 10×
+    faster on CPU, and no numel×16 temporary while a checkpoint streams in)."""
+    nf4 = _nf4_module()
+    w = weight.detach().contiguous()
+    if w.dim() > 2 or w.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
+        raise ValueError(
+            f"NF4 needs a ≤2-D weight with a multiple of {NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE} elements, "
+            f"got shape {tuple(w.shape)}"
+        )
+    flat = w.flatten()
+    n_blocks = flat.numel() // NF4_BLOCK_SIZE
+    levels = torch.tensor(NF4_LEVELS, dtype=w.dtype, device=w.device)
+    scalers, factor, mean = nf4.NF4Tensor.double_quantize_scalers(flat, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+    absmax = nf4.get_block_absmax(flat, NF4_BLOCK_SIZE)
+    codes = _nf4_codes(flat.view(n_blocks, NF4_BLOCK_SIZE) / absmax[:, None], levels)
+    meta = nf4.SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype, w.device, False)
+    return nf4.NF4Tensor(
+        meta, NF4_BLOCK_SIZE, n_blocks, NF4_SCALER_BLOCK_SIZE, scalers, factor, mean, codes, nf4=levels
+    )
+
+
+def dequantize(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A dense copy of a 4-bit weight (a plain weight is returned as it is, cast to ``dtype`` if given)."""
+    name = type(weight).__name__
+    if name == "NF4Tensor":
+        dense = weight.get_original_weight()
+    elif name == "Params4bit":  # pragma: no cover - CUDA + bitsandbytes only
+        import bitsandbytes.functional as bnbF
+
+        dense = bnbF.dequantize_4bit(weight.data, weight.quant_state)
+    else:
+        dense = weight.detach() if isinstance(weight, nn.Parameter) else weight
+    return dense if dtype is None else dense.to(dtype)
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """``module.weight``, made dense in place if it was 4-bit (needed before merging into it)."""
+    weight = module.weight
+    if is_quantized(weight):
+        dense = dequantize(weight)
+        if type(module).__name__ == "Linear4bit":  # pragma: no cover - bitsandbytes only
+            raise RuntimeError("merging into a bitsandbytes Linear4bit is not supported: use export_merged")
+        module.weight = nn.Parameter(dense, requires_grad=False)
+    return module.weight
+
+
+def weight_bytes(weight: Tensor) -> int:
+    """Bytes a weight occupies (every inner tensor of a quantised one)."""
+    if type(weight).__name__ == "NF4Tensor":
+        inner = (weight.quantized_data, weight.quantized_scalers, weight.quantization_factor, weight.scaler_mean)
+        inner += (weight.nf4,)
+        return sum(t.numel() * t.element_size() for t in inner)
+    return weight.numel() * weight.element_size()
+
+
+@dataclass
+class QuantizationReport:
+    """What ``quantize_model`` did."""
+
+    mode: str
+    quantized: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # frozen linears left in the compute dtype (lm_head ...)
+    quantized_bytes: int = 0
+    dense_bytes: int = 0  # what the quantised layers took before
+
+    def __str__(self) -> str:
+        if self.mode == "none":
+            return "quantize: none"
+        ratio = self.quantized_bytes / max(self.dense_bytes, 1)
+        kept = f"; kept dense: {', '.join(self.kept)}" if self.kept else ""
+        return (
+            f"quantize: {self.mode} on {len(self.quantized)} linear layers, "
+            f"{self.dense_bytes / 2**20:.1f} MiB → {self.quantized_bytes / 2**20:.1f} MiB ({ratio:.3f}×){kept}"
+        )
+
+
+def _unquantizable(model: nn.Module) -> list[str]:
+    """Frozen 2-D weight layers of kinds we cannot store in 4 bits (GPT-2's Conv1D, ...)."""
+    return [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")]
+
+
+def lm_head_names(model: nn.Module) -> set[str]:
+    """The output-embedding layer's name (transformers' ``get_output_embeddings``), if any."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def quantizable_linears(model: nn.Module, quantize_lm_head: bool = False) -> tuple[list[str], list[str]]:
+    """(names to quantise, frozen linears kept dense). Every ``nn.Linear`` but the trained ones: before
+    ``inject_adapters`` that is all but the task head (a new classifier / ``score`` trains in full), after it
+    every frozen one. The lm_head stays dense unless ``quantize_lm_head``; so does a layer too small for
+    NF4's blocks (fewer than 64·256 weights: tiny test models)."""
+    from .inject import adapter_layers, find_task_head  # inject → adapters → quantize: import late
+
+    injected = bool(adapter_layers(model))
+    heads = set(find_task_head(model))
+    lm_head = lm_head_names(model)
+    chosen, kept = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or is_quantized(module.weight):
+            continue
+        if (injected and module.weight.requires_grad) or (name in heads - lm_head):
+            continue
+        if name in lm_head and not quantize_lm_head:
+            kept.append(name)
+        elif module.weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
+            kept.append(name)
+        else:
+            chosen.append(name)
+    return chosen, kept
+
+
+def check_mode(mode: str) -> None:
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize={mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+    if mode == "bnb-nf4":
+        if not torch.cuda.is_available():
+            raise RuntimeError("quantize='bnb-nf4' needs a CUDA device (bitsandbytes); on CPU use quantize='nf4'")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError(
+                "quantize='bnb-nf4' needs bitsandbytes: pip install 'lora-lightning[bnb]' (or use quantize='nf4')"
+            ) from err
+
+
+def _quantize_bnb(module: nn.Linear) -> nn.Module:  # pragma: no cover - CUDA + bitsandbytes only
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(
+        module.in_features,
+        module.out_features,
+        bias=module.bias is not None,
+        compute_dtype=module.weight.dtype,
+        quant_type="nf4",
+        compress_statistics=True,
+    )
+    q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+    if module.bias is not None:
+        q.bias = nn.Parameter(module.bias.data, requires_grad=False)
+    return q.to("cuda")
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, mode: str = "nf4", quantize_lm_head: bool = False) -> QuantizationReport:
+    """Store every frozen ``nn.Linear`` of ``model`` in 4 bits, in place (see module docstring).
+
+    Call it before or after ``inject_adapters``: an adapter's frozen base layer is an ``nn.Linear`` like
+    any other. Raises a clear error for frozen layer kinds that cannot be quantised (GPT-2's ``Conv1D``).
+    """
+    check_mode(mode)
+    report = QuantizationReport(mode)
+    if mode == "none":
+        return report
+    bad = _unquantizable(model)
+    if bad:
+        raise TypeError(
+            f"quantize={mode!r} stores nn.Linear layers in 4 bits; this model's {', '.join(bad[:4])}"
+            f"{f' (+{len(bad) - 4} more)' if len(bad) > 4 else ''} are transformers Conv1D layers (GPT-2 style), "
+            "which it cannot quantise: use quantize='none' for this model, or a Llama/Qwen-style model"
+        )
+    chosen, report.kept = quantizable_linears(model, quantize_lm_head)
+    for name in chosen:
+        module = model.get_submodule(name)
+        report.dense_bytes += weight_bytes(module.weight)
+        if mode == "nf4":
+            module.weight = nn.Parameter(to_nf4(module.weight), requires_grad=False)
+            report.quantized_bytes += weight_bytes(module.weight)
+        else:  # pragma: no cover - CUDA + bitsandbytes only
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, _quantize_bnb(module))
+            report.quantized_bytes += module.weight.numel() // 2
+        report.quantized.append(name)
+    return report
+
+
+# -- loading without ever holding the whole model in 16 bits --------------------------------------------
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside is moved to the meta device as it is created (buffers stay real),
+    so building a model allocates at most one layer's weights at a time."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        register(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise FileNotFoundError(
+        f"{folder} has no model.safetensors(.index.json): quantised loading streams safetensors weights; "
+        "re-save the model with save_pretrained(safe_serialization=True)"
+    )
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _read_safetensors(file: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) for each tensor of a safetensors file, read one at a time with plain file reads.
+
+    safetensors' own loader memory-maps the file, and every page it touches then counts in the process's
+    resident memory until the map closes: the whole 16-bit model at the end. Reading each tensor into its
+    own buffer keeps the peak at one tensor. The layout is safetensors' documented one: an 8-byte
+    little-endian header size, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            begin, end = info["data_offsets"]
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"{file}: tensor {name!r} has dtype {info['dtype']}, which quantised loading does not read")
+            buffer = bytearray(end - begin)
+            f.seek(8 + size + begin)
+            f.readinto(buffer)
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            tensor = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(info["shape"])
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[attr] = value
+
+
+@torch.no_grad()
+def load_quantized(
+    model_class,
+    path: str,
+    dtype: torch.dtype = torch.bfloat16,
+    mode: str = "nf4",
+    quantize_lm_head: bool = False,
+    **config_kwargs,
+) -> tuple[nn.Module, QuantizationReport]:
+    """``model_class.from_pretrained(path)`` with every frozen linear stored in NF4 as its weights arrive.
+
+    The model is built with its parameters on the meta device, then the safetensors files are streamed
+    tensor by tensor: a linear weight is quantised the moment it is read, everything else is cast to
+    ``dtype``. Peak memory ≈ the quantised model + one tensor, never the 16-bit model (checked by
+    ``tests/test_quantize.py`` with peak RSS). ``model_class`` is an ``AutoModelFor…`` class.
+    """
+    from transformers import AutoConfig
+
+    if mode != "nf4":
+        raise ValueError(f"streaming quantised loading supports mode='nf4' (got {mode!r})")
+    folder = Path(path)
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with _parameters_on_meta():
+            model = model_class.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if _unquantizable(model):
+        quantize_model(model, mode)  # raises the Conv1D error
+    names, kept = quantizable_linears(model, quantize_lm_head)
+    report = QuantizationReport(mode, kept=kept)
+    wanted = {f"{n}.weight" for n in names}
+    loaded: set[str] = set()
+    state_names = set(dict(model.named_parameters(remove_duplicate=False))) | set(dict(model.named_buffers()))
+    for file in _safetensors_files(folder):
+        for key, tensor in _read_safetensors(file):
+            name = key if key in state_names else _strip_prefix(key, state_names)
+            if name is None:
+                continue
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if name in wanted:
+                report.dense_bytes += tensor.numel() * tensor.element_size()
+                tensor = to_nf4(tensor)
+                report.quantized_bytes += weight_bytes(tensor)
+                report.quantized.append(name[: -len(".weight")])
+            else:
+                tensor = tensor.clone()  # own its memory (frombuffer shares the read buffer)
+            _set_tensor(model, name, tensor)
+            loaded.add(name)
+            del tensor
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise ValueError(
+            f"{path}: the checkpoint has no weights for {', '.join(missing[:5])}"
+            f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}; it does not match {model_class.__name__}"
+        )
+    model.eval()
+    return model, report
+
+
+def _strip_prefix(key: str, names: set[str]) -> Optional[str]:
+    """Checkpoint keys saved from a base model ("model.layers.0…") or with a prefix our model lacks."""
+    for candidate in (key.partition(".")[2], f"model.{key}"):
+        if candidate in names:
+            return candidate
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if os.name == "posix" else 0
+
+
+__all__ = [
+    "QUANTIZE_MODES",
+    "QuantizationReport",
+    "dense_weight",
+    "dequantize",
+    "is_quantized",
+    "load_quantized",
+    "quantize_model",
+    "to_nf4",
+    "weight_bytes",
+]
