@@ -8,8 +8,10 @@ from .inject import (
     find_task_head,
     inject_adapters,
     merge_adapters,
+    unload_adapters,
     unmerge_adapters,
 )
+from .interop import export_merged
 from .state import adapter_state_dict, load_adapter, save_adapter
 
 __version__ = "0.1.0"
@@ -33,6 +35,7 @@ __all__ = [
     "LoRAModule",
     "adapter_layers",
     "adapter_state_dict",
+    "export_merged",
     "find_task_head",
     "inject_adapters",
     "load_adapter",
@@ -40,5 +43,6 @@ __all__ = [
     "register_method",
     "save_adapter",
     "scaling_for",
+    "unload_adapters",
     "unmerge_adapters",
 ]

@@ -5,6 +5,9 @@ Links (set once, in the model section):
     model.backbone     → data.init_args.backbone      (the tokenizer / timm data config follow the model)
     model.num_classes  → data.init_args.num_classes   (labels are checked against it)
 A datamodule without these arguments simply does not receive them.
+
+``lora-lightning compare ...`` (compare.py) and ``lora-lightning export --config run.yaml --ckpt_path CKPT
+--format peft|lora_lightning|merged --out DIR`` (export.py) are dispatched before LightningCLI.
 """
 
 from __future__ import annotations
@@ -44,6 +47,10 @@ def main(args: Optional[list[str]] = None) -> Optional[int]:
         from . import compare
 
         return compare.main(argv[1:])
+    if argv[:1] == ["export"]:  # `lora-lightning export ...`: checkpoint → PEFT / adapter / merged files (export.py)
+        from . import export
+
+        return export.main(argv[1:])
     LoRALightningCLI(
         LoRAModule,
         LightningDataModule,

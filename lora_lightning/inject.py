@@ -1,10 +1,13 @@
-"""Put adapters into any ``nn.Module``, find them again, freeze the rest, merge and unmerge. Pure torch."""
+"""Put adapters into any ``nn.Module``, find them again, freeze the rest, merge and unmerge, take them out
+again. Pure torch."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Union
 
@@ -36,6 +39,11 @@ class InjectionReport:
             f"trained in full: {saved}\n"
             f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({pct:.3f}%)"
         )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -159,9 +167,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, method.layer.from_config(getattr(parent, child), config))
+        _set_submodule(model, name, method.layer.from_config(model.get_submodule(name), config))
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
@@ -214,3 +220,35 @@ def unmerge_adapters(model: nn.Module) -> int:
     for layer in layers.values():
         layer.unmerge()
     return len(layers)
+
+
+@contextmanager
+def bases_in_place(model: nn.Module) -> Iterator[dict[str, AdapterLayer]]:
+    """Inside the block every adapter layer is swapped for its own base layer, so ``model`` has exactly the
+    bare base model's modules, names and (unmerged) weights; the adapter layers, yielded by name, go back on
+    exit. No tensor is copied or changed (used to save a merged model under the base model's names)."""
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.base)
+    try:
+        yield layers
+    finally:
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+
+
+def unload_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The inverse of ``inject_adapters``: put every adapter layer's base layer back in its place, with the
+    adapter folded in (``merge=True``: W0 ← W0 + ΔW) or dropped (``merge=False``: the original W0; a merged layer
+    is unmerged first). Parameters keep their ``requires_grad`` flags (the bases stay frozen). Returns ``model``,
+    now a plain base model (``inject_adapters`` can run on it again). A sharded (FSDP2) model is refused, as by
+    ``merge_adapters``; ``lora_lightning.interop.export_merged`` writes its merged weights from rank 0."""
+    if merge:
+        merge_adapters(model)
+    else:
+        unmerge_adapters(model)
+    for name, layer in adapter_layers(model).items():
+        _set_submodule(model, name, layer.base)
+    if hasattr(model, CONFIG_ATTR):
+        object.__delattr__(model, CONFIG_ATTR)
+    return model

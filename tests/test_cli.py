@@ -42,13 +42,24 @@ def _config(tmp_path, tiny_bert_dir, sst_files) -> str:
     return str(path)
 
 
-def test_fit_subprocess_writes_trained_adapter_and_checkpoint(tmp_path, tiny_bert_dir, sst_files):
-    cmd = [sys.executable, "-m", "lora_lightning.cli", "fit", "--config", _config(tmp_path, tiny_bert_dir, sst_files)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, tiny_bert_dir, sst_files):
+    """A real `lora-lightning fit` (3 steps) in a subprocess: (its folder, its config, its stdout)."""
+    tmp_path = tmp_path_factory.mktemp("fit")
+    config = _config(tmp_path, tiny_bert_dir, sst_files)
+    cmd = [sys.executable, "-m", "lora_lightning.cli", "fit", "--config", config]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "lora_lightning: lora (s=4) on" in proc.stdout  # the injection report, printed once
-    assert "val_acc=" in proc.stdout
+    return tmp_path, config, proc.stdout
+
+
+def test_fit_subprocess_writes_trained_adapter_and_checkpoint(fitted):
+    tmp_path, _, stdout = fitted
+    assert "lora_lightning: lora (s=4) on" in stdout  # the injection report, printed once
+    assert "val_acc=" in stdout
 
     adapter = load_file(tmp_path / "adapters" / "last" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if k.endswith("lora_B")]
@@ -59,6 +70,47 @@ def test_fit_subprocess_writes_trained_adapter_and_checkpoint(tmp_path, tiny_ber
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert set(state) == {f"model.{k}" for k in adapter}  # checkpoint = exactly the adapter tensors
     assert state["model.classifier.weight"].shape == (2, 32)
+
+
+def test_export_subprocess_each_format_reloads_with_the_checkpoint_logits(fitted, tiny_bert_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lora_lightning import LoRAModule, load_adapter
+
+    tmp_path, config, _ = fitted
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    def args(fmt: str) -> list[str]:
+        return ["export", "--config", config, "--ckpt_path", str(ckpt), "--format", fmt, "--out", str(tmp_path / fmt)]
+
+    # the console entry point in a fresh process once; the other formats in process (same code, no re-imports)
+    proc = subprocess.run([sys.executable, "-m", "lora_lightning.cli", *args("peft")], capture_output=True,
+                          text=True, env=ENV, cwd=tmp_path, timeout=240)  # fmt: skip
+    assert proc.returncode == 0 and "wrote peft to" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for fmt in ("merged", "lora_lightning"):
+        assert main(args(fmt)) == 0
+
+    saved = torch.load(ckpt, weights_only=True)  # the reference: the checkpoint loaded by hand
+    module = LoRAModule(**{k: v for k, v in saved["hyper_parameters"].items() if not k.startswith("_")})
+    module.configure_model()
+    module.load_state_dict(saved["state_dict"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    batch = tokenizer(["a good film", "the plot was a boring mess"], padding=True, return_tensors="pt")
+
+    def fresh():
+        return AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2).eval()
+
+    with torch.no_grad():
+        want = module.model.eval()(**batch).logits
+        assert (want - fresh()(**batch).logits).abs().max() > 1e-3  # the checkpoint is not the base model
+        got = {
+            "peft": PeftModel.from_pretrained(fresh(), tmp_path / "peft")(**batch).logits,
+            "merged": AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")(**batch).logits,
+            "lora_lightning": load_adapter(fresh(), tmp_path / "lora_lightning")(**batch).logits,
+        }
+    for fmt, logits in got.items():
+        torch.testing.assert_close(logits, want, rtol=0, atol=1e-5, msg=lambda m, fmt=fmt: f"{fmt}: {m}")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").tokenize("a good film") == ["a", "good", "film"]
 
 
 def _print_config(capsys, args: list[str]) -> dict:

@@ -232,6 +232,21 @@ def test_adapter_checkpoint_on_a_plain_lightning_module(tmp_path):
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
 
 
+def test_adapter_checkpoint_in_peft_format_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    module = PlainUserModule()
+    callback = AdapterCheckpoint(dirpath=tmp_path, format="peft")
+    cpu_trainer(max_steps=3, callbacks=[callback]).fit(module, tensor_loader())
+    theirs = PeftModel.from_pretrained(tiny_net(), tmp_path / "last")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), module.net(x), rtol=0, atol=1e-5)  # adapters and the trained head
+        assert not torch.allclose(tiny_net()(x), module.net(x), atol=1e-4)
+    with pytest.raises(ValueError, match="format must be one of lora_lightning, peft"):
+        AdapterCheckpoint(format="merged")
+
+
 def test_adapter_checkpoint_without_adapters_names_the_fix(tmp_path):
     class NoAdapters(PlainUserModule):
         def __init__(self) -> None:

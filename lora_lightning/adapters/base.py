@@ -123,6 +123,13 @@ class AdapterLayer(nn.Module):
         return self.to_base_layout(self.delta_matrix())
 
     @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """The merged weight W0 + ΔW in the base layout and dtype, computed without touching the layer (what
+        ``merge`` would write; the base weight itself when already merged)."""
+        w = self.base.weight
+        return w.detach().clone() if self.merged else w + self.delta_weight().to(w.dtype)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """W0 ← W0 + ΔW; forward then runs the base layer alone. Idempotent."""
         if not self.merged:

@@ -113,6 +113,13 @@ class DoRALayer(LoRALayer):
         return self._merged_matrix(w0) - w0
 
     @torch.no_grad()
+    def merged_weight(self) -> Tensor:
+        """(m/n) ⊙ (W0 + s·B·A) in the base layout, computed without touching the layer."""
+        if self.merged:
+            return self.base.weight.detach().clone()
+        return self.to_base_layout(self._merged_matrix(self._matrix(self.base.weight)))
+
+    @torch.no_grad()
     def merge(self) -> None:
         """W0 ← (m/n) ⊙ (W0 + s·B·A); stores n and the rows with m = 0 so ``unmerge`` is exact. Idempotent."""
         if self.merged:

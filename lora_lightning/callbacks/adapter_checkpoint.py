@@ -7,6 +7,9 @@ of the whole backbone), loadable with ``load_adapter(base_model, dir)``.
     <dirpath>/last/   after every validation and at the end of training   (save_last)
     <dirpath>/best/   whenever ``monitor`` improves (mode "max": higher is better, "min": lower)
 
+``format="peft"`` writes PEFT's LoRA layout instead (``PeftModel.from_pretrained(base, dir)``, vLLM, TGI; each
+method mapped exactly, see ``lora_lightning.interop``); a method PEFT cannot express is refused at fit start.
+
 Works on any LightningModule that contains adapters: it saves every submodule that ``inject_adapters``
 was run on (the one carrying the ``_lora_lightning_config`` attribute), in ``<dir>/<submodule name>/``
 when there is more than one.
@@ -26,8 +29,8 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback
 from torch import nn
 
-from ..inject import CONFIG_ATTR, adapter_layers
-from ..state import save_adapter
+from ..inject import CONFIG_ATTR, adapter_layers, injected_config
+from ..state import FORMATS, save_adapter
 
 
 def adapter_holders(module: nn.Module) -> dict[str, nn.Module]:
@@ -43,6 +46,7 @@ class AdapterCheckpoint(Callback):
         save_last: write ``last/`` after each validation and at the end of training.
         monitor: a logged metric (e.g. "val_acc"); None = no ``best/``.
         mode: "max" or "min" for ``monitor``.
+        format: "lora_lightning" (ours: every method as trained) or "peft" (PEFT's LoRA layout).
     """
 
     def __init__(
@@ -51,9 +55,13 @@ class AdapterCheckpoint(Callback):
         save_last: bool = True,
         monitor: Optional[str] = None,
         mode: str = "max",
+        format: str = "lora_lightning",
     ) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        self.format = format
         self.dirpath = Path(dirpath) if dirpath is not None else None
         self.save_last = save_last
         self.monitor = monitor
@@ -65,18 +73,24 @@ class AdapterCheckpoint(Callback):
             self.dirpath = Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not adapter_holders(pl_module):  # after configure_model, so the adapters exist by now
+        holders = adapter_holders(pl_module)
+        if not holders:  # after configure_model, so the adapters exist by now
             raise ValueError(
                 f"AdapterCheckpoint found no adapters in {type(pl_module).__name__}: inject them with "
                 "lora_lightning.inject_adapters(model, AdapterConfig(...)) (LoRAModule does this itself)"
             )
+        if self.format == "peft":  # refuse a method PEFT cannot express now, not after the first epoch
+            from ..interop import peft_form
+
+            for holder in holders.values():
+                peft_form(injected_config(holder))
 
     def save(self, pl_module: pl.LightningModule, name: str) -> Path:
         """Write ``<dirpath>/<name>/`` (one subfolder per adapted submodule if there are several)."""
         holders = adapter_holders(pl_module)
         target = self.dirpath / name
         for sub, holder in holders.items():
-            save_adapter(holder, target / sub if len(holders) > 1 else target)
+            save_adapter(holder, target / sub if len(holders) > 1 else target, format=self.format)
         return target
 
     def _improved(self, score: float) -> bool:
