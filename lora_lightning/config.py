@@ -6,8 +6,29 @@ import difflib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional, Union
 
+import torch
+
 from .adapters import ADAPTER_METHODS, SCALING_RULES, scaling_for
 from .adapters.lora import INITS
+
+
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64,
+    "float64": torch.float64,
+}
+
+
+def parse_dtype(name: Union[str, torch.dtype, None]) -> Optional[torch.dtype]:
+    """"bf16" / "bfloat16" / "fp16" / "float16" / "fp32" / "float32" (/ "fp64") → the torch dtype; None → None."""
+    if name is None:
+        return None
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of: bf16, fp16, fp32 (or bfloat16, float16, float32)")
+    return DTYPES[key]
 
 
 def _did_you_mean(value: str, choices: list[str]) -> str:
@@ -35,6 +56,9 @@ class AdapterConfig:
             detected on the model (classifier / score / timm ``get_classifier()`` ...); [] = none.
         init: A's init, "kaiming" (PEFT default) or "gaussian".
         init_b_std: B ~ N(0, init_b_std²) instead of zeros (loss-landscape experiments).
+        dtype: dtype of the adapter tensors ("float32", "bfloat16", "float16"); None = the base layer's.
+            "float32" over a bf16/fp16 base keeps the trained factors (and so AdamW's moments) in fp32 while
+            the frozen base stays small; the layer casts its input up and its output back.
     """
 
     method: str = "lora"
@@ -48,6 +72,7 @@ class AdapterConfig:
     modules_to_save: Optional[list[str]] = None
     init: str = "kaiming"
     init_b_std: float = 0.0
+    dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
         methods = sorted(ADAPTER_METHODS)
@@ -76,8 +101,14 @@ class AdapterConfig:
             raise ValueError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
         if self.init_b_std < 0:
             raise ValueError(f"init_b_std must be ≥ 0 (got {self.init_b_std}); 0 means B = 0 at init")
+        parse_dtype(self.dtype)  # names the choices on a typo
         if not self.target_modules:
             raise ValueError('target_modules is empty; give module names, a regex, or "all-linear"')
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        """``dtype`` as a torch dtype (None: follow the base layer)."""
+        return parse_dtype(self.dtype)
 
     @property
     def scaling_rule(self) -> str:

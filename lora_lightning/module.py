@@ -13,6 +13,23 @@ Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with
 ``lr=None`` takes ``DEFAULT_LR`` for the method's scaling rule: the scale s multiplies every update of
 ΔW, so a larger s wants a smaller step (LoRA-α's s = C/√r ≈ 90 at r=8 works with full fine-tuning LRs).
 
+Loss normalisation. A task returns the SUM of its per-target losses over a batch and the number of targets
+(``Task.loss``; targets = examples for classification, target tokens for a causal LM). The optimiser must see
+the gradient of the mean over every target of the optimizer step, across the A micro-batches of gradient
+accumulation and the W devices:
+
+    g = ∇ (Σ_{devices, micro-batches} loss_sum) / N,     N = Σ_{devices, micro-batches} n_targets.
+
+Lightning's automatic optimisation divides each micro-batch's returned loss by A, and DDP / FSDP2 average
+gradients over W, so with ``training_step`` returning loss_sum the accumulated gradient is
+∇(Σ loss_sum)/(A·W). Just before the optimizer step (inside the optimizer closure, so before
+``on_before_optimizer_step`` hooks, gradient clipping and the step) ``optimizer_step`` all-reduces the step's
+target count N and multiplies every gradient by A·W/N. N is only known once all micro-batches are seen,
+hence a rescale of the gradients rather than of each loss (torchtune's recipes do the same). The result is
+exact: 2 micro-batches, or 2 devices, give the weights of one batch holding both (tested to float64
+rounding). ``train_loss`` logs each micro-batch's own mean. With one batch per step on one device this is
+the plain batch mean, so classification trains as before.
+
 Checkpoints hold only ``adapter_state_dict`` of the backbone (adapter tensors + ``modules_to_save``); the
 frozen base is rebuilt from the spec in ``configure_model`` (seeded by ``init_seed``, so even a randomly
 initialised base is the same one every time).
@@ -21,6 +38,11 @@ Multi-device: DDP works as is (``trainer.strategy: ddp``). Under Lightning's ``M
 (tensor_parallel_size=1) ``configure_model`` shards the backbone with FSDP2 (``shard_adapters``: adapters,
 frozen bases and trained modules in separate units); ``init_seed`` makes every rank start from the same
 weights, which FSDP2 needs (it does not broadcast). See ``lora_lightning.distributed``.
+
+Memory: ``dtype`` ("bf16", "fp16") loads the frozen backbone in that dtype while the adapters (and the
+modules trained in full) stay float32, so their AdamW moments are float32 too; ``gradient_checkpointing``
+recomputes each transformer block's activations in backward (transformers' non-reentrant checkpointing: no
+input needs ``requires_grad``, so frozen embeddings are fine).
 """
 
 from __future__ import annotations
@@ -38,8 +60,9 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from .backbones import build_backbone, default_task
 from .callbacks import ALLoRARescaling, DropoutRemoval, SDSReorthonormalization
-from .config import AdapterConfig
+from .config import AdapterConfig, parse_dtype
 from .distributed import shard_adapters
+from .generation import GenerationOptions, as_generation_options
 from .inject import adapter_layers, inject_adapters
 from .state import adapter_state_dict
 from .tasks import get_task
@@ -66,14 +89,52 @@ def _as_adapter_config(adapter: Union[AdapterConfig, dict, None]) -> AdapterConf
     return dataclasses.replace(adapter)  # a private copy: the default instance may be shared
 
 
+def _run_in_float32(module: nn.Module) -> None:
+    """Keep ``module`` (trained in full over a low-precision base) in float32: its inputs are cast up and its
+    output back to the input's dtype, so the layers around it are unaffected."""
+    module.float()
+
+    def cast_in(mod: nn.Module, args: tuple) -> tuple:
+        floats = [a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()]
+        mod._lora_lightning_in_dtype = floats[0] if floats else None
+        return tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+    def cast_out(mod: nn.Module, args: tuple, out: Any) -> Any:
+        dtype = mod._lora_lightning_in_dtype
+        return out.to(dtype) if dtype is not None and isinstance(out, Tensor) and out.is_floating_point() else out
+
+    module.register_forward_pre_hook(cast_in)
+    module.register_forward_hook(cast_out)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """transformers' gradient checkpointing, non-reentrant (``use_reentrant=False``: gradients reach the
+    adapters inside a block even though the block's input, the frozen embeddings' output, needs no grad)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"model.gradient_checkpointing: {type(model).__name__} does not support transformers' gradient "
+            "checkpointing; set it to false (in your own module, wrap blocks in torch.utils.checkpoint.checkpoint "
+            "with use_reentrant=False)"
+        )
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers ≥ 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False
+
+
 class LoRAModule(LightningModule):
-    """Fine-tune ``backbone`` with ``adapter`` on a classification ``task``.
+    """Fine-tune ``backbone`` with ``adapter`` on a ``task``.
 
     Args:
         backbone: a spec (see ``lora_lightning.backbones``: transformers name/path, ``pkg://...``,
             ``timm:<name>``, class path) or an ``nn.Module``.
-        num_classes: number of classes of the new head.
-        task: "sequence_classification", "image_classification" or "auto" (from the backbone).
+        num_classes: number of classes of the new head (classification).
+        task: "sequence_classification", "image_classification", "regression", "causal_lm" or "auto" (from
+            the backbone: a transformers causal LM → causal_lm, another transformers model →
+            sequence_classification, anything else → image_classification).
         pretrained: load pretrained weights (False: random init, seeded by ``init_seed``).
         adapter: the AdapterConfig (YAML: ``model.adapter.method: rslora``, ``model.adapter.r: 16``).
         lr: adapter learning rate; None = ``DEFAULT_LR`` of the method's scaling rule.
@@ -86,6 +147,11 @@ class LoRAModule(LightningModule):
         betas: AdamW betas.
         init_seed: seed for building the backbone and the adapter init (None = the global seed at
             construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
+        dtype: load the frozen backbone in "bf16" / "fp16" / "fp32" (None: torch's default, i.e. float32 or
+            what ``trainer.precision: bf16-true`` sets); with "bf16"/"fp16" the adapters and modules trained
+            in full stay float32 (``adapter.dtype`` overrides).
+        gradient_checkpointing: recompute activations in backward (transformers models).
+        generation: decoding options of ``predict`` and the generation callback (causal LM).
     """
 
     def __init__(
@@ -104,6 +170,9 @@ class LoRAModule(LightningModule):
         min_lr_ratio: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         init_seed: Optional[int] = None,
+        dtype: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+        generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - copied in __init__
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -116,6 +185,8 @@ class LoRAModule(LightningModule):
         if warmup < 0:
             raise ValueError(f"warmup must be ≥ 0 (a fraction < 1 or a number of steps), got {warmup}")
         self.adapter_config = _as_adapter_config(adapter)
+        self.base_dtype = parse_dtype(dtype)
+        self.generation = as_generation_options(generation)
         self.task_name = default_task(backbone) if task == "auto" else task
         self.task = get_task(self.task_name)
         self.lr = lr if lr is not None else DEFAULT_LR.get(self.adapter_config.scaling_rule, DEFAULT_LR["lora"])
@@ -126,9 +197,11 @@ class LoRAModule(LightningModule):
         self.model: Optional[nn.Module] = None
         self.strict_loading = False  # checkpoints hold adapter + head tensors only
 
-        ignore = ["adapter"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
+        ignore = ["adapter", "generation"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)  # plain types: weights_only loads
+        self.hparams["generation"] = dataclasses.asdict(self.generation)
+        self._step_targets: Optional[Tensor] = None  # target count of the optimizer step so far (this device)
         self.hparams["init_seed"] = self.init_seed
 
         self.val_metrics = self.task.metrics(num_classes, prefix="val_")
@@ -139,10 +212,26 @@ class LoRAModule(LightningModule):
         """Build the backbone and inject the adapters (once: Lightning may call this more than once)."""
         if self.model is not None:
             return
+        h = self.hparams
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.init_seed)
-            model = build_backbone(self._backbone_spec, self.hparams.num_classes, self.hparams.pretrained)
-            report = inject_adapters(model, self.adapter_config, verbose=False)
+            model = build_backbone(
+                self._backbone_spec, h.num_classes, h.pretrained, self.task.model_class,
+                self.task.model_kwargs(h.num_classes), self.base_dtype,
+            )
+            config = self.adapter_config
+            if config.modules_to_save is None:
+                config = dataclasses.replace(config, modules_to_save=self.task.default_modules_to_save(model))
+            if self.base_dtype is not None:
+                model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
+                if config.dtype is None:
+                    config = dataclasses.replace(config, dtype="float32")
+            report = inject_adapters(model, config, verbose=False)
+        if self.base_dtype is not None:
+            for name in report.modules_to_save:
+                _run_in_float32(model.get_submodule(name))
+        if h.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         model.train()  # transformers returns models in eval mode; Lightning keeps each module's mode
         if self.global_rank == 0:
             print(report)
@@ -150,8 +239,9 @@ class LoRAModule(LightningModule):
             shard_adapters(model, self.device_mesh)
         self.model = model
 
-    def forward(self, batch: Any) -> Tensor:
-        return self.task.step(self.model, batch)[0]
+    def forward(self, batch: Any) -> Any:
+        """The task's predictions for ``batch`` (class ids, values, generated tokens)."""
+        return self.task.predict(self.model, batch, self.generation)
 
     def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """Only the adapter tensors and ``modules_to_save`` (= ``adapter_state_dict(self.model)``)."""
@@ -181,22 +271,19 @@ class LoRAModule(LightningModule):
         return _IncompatibleKeys(missing, keys.unexpected_keys)
 
     # -- steps ------------------------------------------------------------------------------------
-    def _step(self, batch: Any) -> tuple[Tensor, Tensor, Tensor]:
-        logits, labels = self.task.step(self.model, batch)
-        if labels is None:
-            raise ValueError("this batch has no labels; training/validation/test batches need them")
-        return self.task.loss(logits, labels), logits, labels
-
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        loss, _, labels = self._step(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=labels.shape[0])
-        return loss
+        loss_sum, n = self.task.loss(self.model, batch)
+        n = n.detach()
+        self._step_targets = n if self._step_targets is None else self._step_targets + n
+        self.log("train_loss", loss_sum.detach() / n.clamp_min(1), prog_bar=True, batch_size=1)
+        return loss_sum  # the sum: optimizer_step divides the gradients by the step's target count
 
     def _eval_step(self, batch: Any, stage: str) -> None:
         metrics = self.val_metrics if stage == "val" else self.test_metrics
-        loss, logits, labels = self._step(batch)
-        metrics.update(logits, labels)
-        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=labels.shape[0])
+        out = self.task.forward(self.model, batch)
+        metrics.update(**out.metric_inputs)
+        weight = max(1, int(out.n_targets))  # the epoch value is the mean over targets, not over batches
+        self.log(f"{stage}_loss", out.mean_loss, prog_bar=True, batch_size=weight)
         self.log_dict(metrics, prog_bar=True)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -205,15 +292,18 @@ class LoRAModule(LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        """Predicted class ids."""
-        return self(batch).argmax(-1)
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        """The task's predictions: class ids (classification), vectors (regression), or
+        {"index", "tokens"} of generated completions (causal LM; ``CompletionWriter`` writes them)."""
+        return self.task.predict(self.model, batch, self.generation)
+
+    def on_train_start(self) -> None:
+        self._step_targets = None
 
     def on_fit_end(self) -> None:
-        metrics = self.trainer.callback_metrics
-        if self.global_rank == 0 and "val_acc" in metrics:
-            f1 = f" val_f1={float(metrics['val_f1']):.4f}" if "val_f1" in metrics else ""
-            print(f"final validation (step {self.global_step}): val_acc={float(metrics['val_acc']):.4f}{f1}")
+        summary = self.task.summary(self.trainer.callback_metrics)
+        if self.global_rank == 0 and summary:
+            print(f"final validation (step {self.global_step}): {summary}")
 
     # -- optimisation -----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -262,6 +352,31 @@ class LoRAModule(LightningModule):
 
         return factor
 
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The step, with the accumulated gradients turned into the mean over the step's targets (module
+        docstring) inside the closure: after the last micro-batch's backward, before any hook sees them."""
+
+        def closure() -> Any:
+            result = optimizer_closure()
+            self.normalize_gradients()
+            return result
+
+        optimizer.step(closure=closure)
+
+    @torch.no_grad()
+    def normalize_gradients(self) -> None:
+        """Multiply every gradient by A·W/N: A accumulation micro-batches, W devices, N = the targets of the
+        step over all of them (all-reduced)."""
+        if self._step_targets is None:
+            return
+        total = self.trainer.strategy.reduce(self._step_targets.clone().float(), reduce_op="sum")
+        factor = self.trainer.accumulate_grad_batches * self.trainer.world_size / max(1.0, float(total))
+        self._step_targets = None
+        if factor != 1.0:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=tuple(self.hparams.betas))
         total = float(self.trainer.estimated_stepping_batches)
@@ -270,9 +385,10 @@ class LoRAModule(LightningModule):
 
     # -- method callbacks -------------------------------------------------------------------------
     def configure_callbacks(self) -> list[Callback]:
-        """The callbacks ``METHOD_CALLBACKS`` lists for this method, minus types the Trainer already has."""
+        """The callbacks ``METHOD_CALLBACKS`` lists for this method and those the task needs (the causal LM's
+        ``CompletionWriter``), minus types the Trainer already has."""
         present = list(self.trainer.callbacks) if self._trainer is not None else []
-        needed = METHOD_CALLBACKS.get(self.adapter_config.method, [])
+        needed = METHOD_CALLBACKS.get(self.adapter_config.method, []) + self.task.callbacks()
         return [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
 
 

@@ -102,3 +102,50 @@ def cpu_trainer(**kwargs):
         enable_checkpointing=False, num_sanity_val_steps=0,
     )
     return Trainer(**{**defaults, **kwargs})
+
+
+# -- causal LM fixtures (tiny_models.py builds the models and the tokenizer) -----------------------------------
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny Llama + its chat-template tokenizer, saved with save_pretrained (architectures: LlamaForCausalLM)."""
+    from tiny_models import save_tiny_lm, tiny_llama
+
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_llama"), tiny_llama())
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
+    """Instruction rows "what is a plus b" → "c" (single digits, so answers are short and checkable)."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 4), rng.randint(0, 5)
+        rows.append({"instruction": f"what is {a} plus {b} ?", "input": "", "output": str(a + b)})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sft_files(tmp_path_factory) -> dict[str, str]:
+    """Small causal-LM data files: instruction train/val/prompts (jsonl), chat (jsonl), plain text (jsonl)."""
+    path = tmp_path_factory.mktemp("sft")
+    chat = [
+        {"messages": [{"role": "system", "content": "say yes"}, {"role": "user", "content": "hello"},
+                      {"role": "assistant", "content": "hi"}, {"role": "user", "content": "how are you ?"},
+                      {"role": "assistant", "content": "fine thanks"}]},
+        {"messages": [{"role": "user", "content": "tell me about cats"}, {"role": "assistant", "content": "cats good"}]},
+    ]
+    return {
+        "train": write_jsonl(path / "train.jsonl", arithmetic_rows(24, seed=0)),
+        "val": write_jsonl(path / "val.jsonl", arithmetic_rows(6, seed=1)),
+        "prompts": write_jsonl(path / "prompts.jsonl", [{"instruction": r["instruction"]} for r in arithmetic_rows(5, 2)]),
+        "chat": write_jsonl(path / "chat.jsonl", chat),
+        "text": write_jsonl(path / "text.jsonl", [{"text": "a good film"}, {"text": "tell me a story about dogs"}]),
+    }

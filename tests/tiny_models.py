@@ -73,3 +73,65 @@ def randomize_adapters(model: torch.nn.Module, seed: int = 0, std: float = 0.1) 
         for layer in adapter_layers(model).values():
             for p in (layer.lora_A, layer.lora_B):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+# -- causal LMs: a tiny offline tokenizer (with a chat template) and tiny Llama / GPT-2 models ---------------
+LM_SPECIALS = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+LM_WORDS = (
+    "what is add and the sum of plus minus answer hello hi how are you fine thanks a good film movie bad "
+    "story tell me about cats dogs say yes no please question reply , . ? !"
+).split()
+LM_VOCAB = LM_SPECIALS + [str(d) for d in range(10)] + LM_WORDS
+# A ChatML-like template: every turn is "<|role|> content </s>"; the generation prompt is "<|assistant|>".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def tiny_lm_tokenizer(chat_template: bool = True):
+    """A word-level fast tokenizer over LM_VOCAB (digits split one by one), BOS added to plain text, no pad
+    token (so the pad-token fallback is exercised), and the chat template above. Built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(LM_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=LM_SPECIALS[3:], chat_template=CHAT_TEMPLATE if chat_template else None,
+    )
+
+
+def tiny_llama(seed: int = 0, tie: bool = False, attn: str = "eager", dtype=torch.float32):
+    """A 2-layer, 32-wide Llama (4 heads, 2 KV heads) over LM_VOCAB."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(LM_VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        pad_token_id=None, attn_implementation=attn,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2_lm(seed: int = 0, attn: str = "eager"):
+    """A 2-layer GPT-2 (Conv1D layers; lm_head tied to the input embeddings) over LM_VOCAB."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(LM_VOCAB), n_embd=32, n_layer=2, n_head=2, n_positions=128, bos_token_id=1, eos_token_id=2,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation=attn,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def save_tiny_lm(path, model) -> str:
+    """``model`` and the tiny tokenizer saved as one transformers folder (what a hub checkpoint looks like)."""
+    model.save_pretrained(path)
+    tiny_lm_tokenizer().save_pretrained(path)
+    return str(path)

@@ -45,7 +45,8 @@ class LoRALayer(AdapterLayer):
 
     ``init`` sets A: "kaiming" (kaiming-uniform with a=√5, PEFT's default) or "gaussian" (N(0, 1/r²),
     PEFT's "gaussian"). ``init_b_std`` > 0 draws B ~ N(0, init_b_std²) instead of zeros (for the
-    loss-landscape experiments; the model then no longer starts at the base).
+    loss-landscape experiments; the model then no longer starts at the base). ``dtype``: the factors' dtype
+    (None = the base weight's; e.g. float32 factors over a bf16 base).
     """
 
     def __init__(
@@ -56,10 +57,12 @@ class LoRALayer(AdapterLayer):
         dropout: float = 0.0,
         init: str = "kaiming",
         init_b_std: float = 0.0,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(base, scaling, dropout)
         self.r = r
-        dtype = torch.float32 if is_quantized(base.weight) else base.weight.dtype  # QLoRA: fp32 adapters
+        if dtype is None:  # QLoRA: fp32 factors over a 4-bit base; otherwise the base weight's dtype
+            dtype = torch.float32 if is_quantized(base.weight) else base.weight.dtype
         factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
@@ -70,7 +73,7 @@ class LoRALayer(AdapterLayer):
     @classmethod
     def from_config(cls, base: nn.Module, config) -> "LoRALayer":
         """Build from an ``AdapterConfig`` (how ``inject_adapters`` creates every layer)."""
-        return cls(base, config.r, config.scale, config.dropout, config.init, config.init_b_std)
+        return cls(base, config.r, config.scale, config.dropout, config.init, config.init_b_std, config.torch_dtype)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -4,7 +4,17 @@ on any LightningModule that contains lora_lightning adapter layers, not only ``L
 from .adapter_checkpoint import AdapterCheckpoint
 from .allora import ALLoRARescaling
 from .dropout import DropoutRemoval
+from .generation import GenerationSamples
 from .monitor import AdapterMonitor
+from .predictions import CompletionWriter
 from .sds import SDSReorthonormalization
 
-__all__ = ["ALLoRARescaling", "AdapterCheckpoint", "AdapterMonitor", "DropoutRemoval", "SDSReorthonormalization"]
+__all__ = [
+    "ALLoRARescaling",
+    "AdapterCheckpoint",
+    "AdapterMonitor",
+    "CompletionWriter",
+    "DropoutRemoval",
+    "GenerationSamples",
+    "SDSReorthonormalization",
+]
