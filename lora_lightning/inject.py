@@ -8,12 +8,13 @@ import difflib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Union
 
 from torch import nn
 
 from .adapters import ADAPTER_METHODS, SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
+from .adapters.gated_mlp import patch_gated_mlps
 from .config import AdapterConfig
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "fc")
@@ -30,12 +31,14 @@ class InjectionReport:
     modules_to_save: list[str]
     trainable_params: int
     total_params: int
+    fused_mlps: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
         saved = ", ".join(self.modules_to_save) or "none"
+        fused = f"; {len(self.fused_mlps)} gated MLPs fused" if self.fused_mlps else ""
         return (
-            f"lora_lightning: {self.method} (s={self.scale:.4g}) on {len(self.adapted)} layers; "
+            f"lora_lightning: {self.method} (s={self.scale:.4g}) on {len(self.adapted)} layers{fused}; "
             f"trained in full: {saved}\n"
             f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({pct:.3f}%)"
         )
@@ -172,6 +175,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
 
+    fused_mlps = patch_gated_mlps(model) if config.fused and config.fused_mlp else []
     resolved = dataclasses.replace(config, target_modules=list(targets), modules_to_save=list(saved))
     object.__setattr__(model, CONFIG_ATTR, resolved)  # a plain attribute, not a submodule
     report = InjectionReport(
@@ -181,6 +185,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
         modules_to_save=list(saved),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
+        fused_mlps=fused_mlps,
     )
     if verbose:
         print(report)

@@ -12,6 +12,13 @@ Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with
 
 ``lr=None`` takes ``DEFAULT_LR`` for the method's scaling rule: the scale s multiplies every update of
 ΔW, so a larger s wants a smaller step (LoRA-α's s = C/√r ≈ 90 at r=8 works with full fine-tuning LRs).
+ALLoRA follows its paper's convention (arXiv 2410.09692 §4.2: "we split learning rate into a constant base
+learning rate l_b and η, and the effective learning rate is η·l_b"; Tables 1, 6, 7 run LoRA at η·1e-4 and
+ALLoRA at l_b = 1e-4): its default is the base rate l_b = DEFAULT_LR["lora"] / η (5e-4 at η = 2), so that
+its starting step c·l_b = η·l_b equals our LoRA default, as the paper pairs them. The anchor is our choice
+[ours]: our LoRA default, not the paper's 1e-4 (tuned for 0.5B-8B LLMs over 2-3 epochs). With AdamW a
+constant c cancels in m/√v, so at B = 0 ALLoRA then steps like plain LoRA at l_b; the paper does not name its
+optimiser.
 
 Loss normalisation. A task returns the SUM of its per-target losses over a batch and the number of targets
 (``Task.loss``; targets = examples for classification, target tokens for a causal LM). The optimiser must see
@@ -79,6 +86,14 @@ METHOD_CALLBACKS: dict[str, list[type[Callback]]] = {
 
 DECAY_GROUPS = ("adapter", "head")
 SCHEDULERS = ("cosine", "constant")
+
+
+def default_lr(adapter: AdapterConfig) -> float:
+    """The learning rate ``lr=None`` means (module docstring): ALLoRA's base rate DEFAULT_LR["lora"] / η, else
+    ``DEFAULT_LR`` of the scaling rule."""
+    if adapter.allora_eta is not None:
+        return DEFAULT_LR["lora"] / adapter.allora_eta
+    return DEFAULT_LR.get(adapter.scaling_rule, DEFAULT_LR["lora"])
 
 
 def _as_adapter_config(adapter: Union[AdapterConfig, dict, None]) -> AdapterConfig:
@@ -189,7 +204,7 @@ class LoRAModule(LightningModule):
         self.generation = as_generation_options(generation)
         self.task_name = default_task(backbone) if task == "auto" else task
         self.task = get_task(self.task_name)
-        self.lr = lr if lr is not None else DEFAULT_LR.get(self.adapter_config.scaling_rule, DEFAULT_LR["lora"])
+        self.lr = lr if lr is not None else default_lr(self.adapter_config)
         self.head_lr = head_lr if head_lr is not None else self.lr
         self.decay_on = decay_on
         self.init_seed = init_seed if init_seed is not None else torch.initial_seed() % 2**31
@@ -392,4 +407,4 @@ class LoRAModule(LightningModule):
         return [cls() for cls in needed if not any(isinstance(cb, cls) for cb in present)]
 
 
-__all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule"]
+__all__ = ["DEFAULT_LR", "METHOD_CALLBACKS", "LoRAModule", "default_lr"]

@@ -161,7 +161,7 @@ def test_callback_fragments_stack_after_a_config():
                 "SDSReorthonormalization", "DropoutRemoval", "AdapterCheckpoint"]
     assert [n for n in names if hasattr(cb, n)] == expected
     allora = next(c for c in cli.trainer.callbacks if isinstance(c, cb.ALLoRARescaling))
-    assert (allora.eta, allora.rows, allora.norm, allora.mode) == (2.0, "factors", "norm", "update")
+    assert (allora.eta, allora.rows, allora.norm, allora.mode) == (2.0, "product", "norm", "backward")
 
 
 def test_unknown_method_is_one_clear_error(tmp_path, tiny_bert_dir, sst_files, capsys):

@@ -185,16 +185,24 @@ def test_sds_method_trains_through_its_callback():
             torch.testing.assert_close(q.T @ q, torch.eye(2), atol=1e-5, rtol=0)
 
 
-def test_allora_method_rescales_updates():
-    """method=allora in LoRAModule: s = 1 and the first AdamW step of B is η × the plain one."""
-    plain = _net_module(adapter=AdapterConfig(method="lora", r=2, scaling="none"), warmup=0, scheduler="constant")
-    allora = _net_module(adapter=AdapterConfig(method="allora", r=2), warmup=0, scheduler="constant")
+def test_allora_method_rescales_gradients_and_takes_the_papers_base_lr():
+    """method=allora in LoRAModule: s = 1, lr=None gives DEFAULT_LR["lora"] / η (the paper's base LR l_b), and
+    the rule is in the backward: at B = 0 every c_i = η, so B's gradient is η × plain LoRA's (s = 1)."""
+    from lora_lightning.module import DEFAULT_LR
+
+    assert _net_module(lr=None, adapter=AdapterConfig(method="allora", r=2)).lr == DEFAULT_LR["lora"] / 2
+    assert _net_module(lr=None, adapter=AdapterConfig(method="allora", r=2, eta=4.0)).lr == DEFAULT_LR["lora"] / 4
+    assert _net_module(lr=None, adapter=AdapterConfig(method="lora", r=2, scaling="none")).lr == DEFAULT_LR["none"]
+    plain = _net_module(adapter=AdapterConfig(method="lora", r=2, scaling="none"))
+    allora = _net_module(adapter=AdapterConfig(method="allora", r=2))
+    x, y = next(iter(tensor_loader()))
     for m in (plain, allora):
-        cpu_trainer(max_steps=1).fit(m, train_dataloaders=tensor_loader())
-    for (name, a), b in zip(adapter_layers(allora.model).items(), adapter_layers(plain.model).values()):
-        assert a.scaling == 1.0
-        # B = 0 before the step, so every row of B has c = 1/√(0 + 1/η²) = η = 2
-        torch.testing.assert_close(a.lora_B, 2.0 * b.lora_B, rtol=1e-5, atol=1e-7)
+        m.configure_model()
+        nn.functional.cross_entropy(m.model(x), y).backward()
+    for a, b in zip(adapter_layers(allora.model).values(), adapter_layers(plain.model).values()):
+        assert a.scaling == 1.0 and a.allora_eta == 2.0 and b.allora_eta is None
+        assert torch.count_nonzero(b.lora_B.grad) > 0
+        torch.testing.assert_close(a.lora_B.grad, 2.0 * b.lora_B.grad)
 
 
 class PlainUserModule(LightningModule):

@@ -11,6 +11,7 @@ from typing import Optional
 
 from .base import SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
 from .dora import DoRALayer
+from .functional import ALLoRAConv2dFunction, LoRAFunction, allora_coefficients
 from .lora import SCALING_RULES, LoRALayer, scaling_for
 from .sds import SDSLayer, export_as_lora
 
@@ -27,6 +28,8 @@ class AdapterMethod:
     paper: str
     forces_no_dropout: bool = False
     peft: Optional[str] = None
+    #: ALLoRA's per-row backward rule on (η = ``AdapterConfig.eta``)
+    allora_rule: bool = False
 
 
 ADAPTER_METHODS: dict[str, AdapterMethod] = {}
@@ -42,7 +45,12 @@ register_method("lora_alpha", AdapterMethod(LoRALayer, "lora_alpha", "LoRA-α, a
 register_method(
     "allora",
     AdapterMethod(
-        LoRALayer, "none", "Huang & Balestriero 2024, arXiv 2410.09692", forces_no_dropout=True, peft="lora"
+        LoRALayer,
+        "none",
+        "Huang & Balestriero 2024, arXiv 2410.09692",
+        forces_no_dropout=True,
+        peft="lora",
+        allora_rule=True,
     ),
 )
 register_method("dora", AdapterMethod(DoRALayer, "lora", "Liu et al. 2024, arXiv 2402.09353", peft="dora"))
@@ -50,6 +58,8 @@ register_method("sds", AdapterMethod(SDSLayer, "lora", "SDS-LoRA, arXiv 2606.164
 
 __all__ = [
     "ADAPTER_METHODS",
+    "ALLoRAConv2dFunction",
+    "LoRAFunction",
     "SCALING_RULES",
     "SUPPORTED_BASE_TYPES",
     "AdapterLayer",
@@ -57,6 +67,7 @@ __all__ = [
     "DoRALayer",
     "LoRALayer",
     "SDSLayer",
+    "allora_coefficients",
     "base_kind",
     "base_shape",
     "export_as_lora",
