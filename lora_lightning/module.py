@@ -71,6 +71,7 @@ from .config import AdapterConfig, parse_dtype
 from .distributed import shard_adapters
 from .generation import GenerationOptions, as_generation_options
 from .inject import adapter_layers, inject_adapters
+from .quantize import check_mode, describe, kept_4bit, nf4_available, quantize_model
 from .state import adapter_state_dict
 from .tasks import get_task
 
@@ -167,6 +168,12 @@ class LoRAModule(LightningModule):
             in full stay float32 (``adapter.dtype`` overrides).
         gradient_checkpointing: recompute activations in backward (transformers models).
         generation: decoding options of ``predict`` and the generation callback (causal LM).
+        quantize: QLoRA: "nf4" stores every frozen linear of the backbone in 4 bits (torchao NF4, block 64,
+            double-quantised scales; the adapters' bases included; ``lora_lightning.quantize``), "bnb-nf4" the
+            same with bitsandbytes (CUDA), "none" (default) keeps them in ``dtype``. A pretrained causal LM is
+            streamed in tensor by tensor and quantised as it arrives (never held in 16 bits); other backbones are
+            built, then quantised after the adapters are injected. The adapters stay float32.
+        quantize_lm_head: quantise the lm_head too (it stays in ``dtype`` by default, as do embeddings/norms).
     """
 
     def __init__(
@@ -188,6 +195,8 @@ class LoRAModule(LightningModule):
         dtype: Optional[str] = None,
         gradient_checkpointing: bool = False,
         generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - copied in __init__
+        quantize: str = "none",
+        quantize_lm_head: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -199,6 +208,9 @@ class LoRAModule(LightningModule):
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if warmup < 0:
             raise ValueError(f"warmup must be ≥ 0 (a fraction < 1 or a number of steps), got {warmup}")
+        check_mode(quantize)  # a typo, or bnb-nf4 without CUDA / bitsandbytes: one error naming the fix
+        if quantize == "nf4":
+            nf4_available()
         self.adapter_config = _as_adapter_config(adapter)
         self.base_dtype = parse_dtype(dtype)
         self.generation = as_generation_options(generation)
@@ -232,16 +244,19 @@ class LoRAModule(LightningModule):
             torch.manual_seed(self.init_seed)
             model = build_backbone(
                 self._backbone_spec, h.num_classes, h.pretrained, self.task.model_class,
-                self.task.model_kwargs(h.num_classes), self.base_dtype,
+                self.task.model_kwargs(h.num_classes), self.base_dtype, h.quantize, h.quantize_lm_head,
             )
             config = self.adapter_config
             if config.modules_to_save is None:
                 config = dataclasses.replace(config, modules_to_save=self.task.default_modules_to_save(model))
             if self.base_dtype is not None:
-                model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
+                with kept_4bit(model, lambda t: t):  # a streamed 4-bit load is in base_dtype already
+                    model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
                 if config.dtype is None:
                     config = dataclasses.replace(config, dtype="float32")
             report = inject_adapters(model, config, verbose=False)
+            if h.quantize != "none":  # after injection: the adapters' frozen bases are quantised too
+                quantize_model(model, h.quantize, h.quantize_lm_head)
         if self.base_dtype is not None:
             for name in report.modules_to_save:
                 _run_in_float32(model.get_submodule(name))
@@ -250,9 +265,17 @@ class LoRAModule(LightningModule):
         model.train()  # transformers returns models in eval mode; Lightning keeps each module's mode
         if self.global_rank == 0:
             print(report)
+            if h.quantize != "none":
+                print(describe(model, h.quantize))
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
         self.model = model
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Module casts and moves leave 4-bit weights 4-bit (``quantize.kept_4bit``): Lightning's "bf16-true"
+        ``convert_module`` or a ``.to(dtype)`` would otherwise dequantise them."""
+        with kept_4bit(self, fn):
+            return super()._apply(fn, recurse)
 
     def forward(self, batch: Any) -> Any:
         """The task's predictions for ``batch`` (class ids, values, generated tokens)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,11 @@ def _nf4_module():
             "quantize='nf4' needs torchao (pip install 'lora-lightning[qlora]' or pip install torchao)"
         ) from err
     return nf4_tensor
+
+
+def nf4_available() -> None:
+    """Raise the install hint when torchao (needed for ``quantize="nf4"``) is missing."""
+    _nf4_module()
 
 
 def is_quantized(weight: Tensor) -> bool:
@@ -101,11 +107,38 @@ def to_nf4(weight: Tensor) -> Tensor:
     )
 
 
+def compute_dtype(weight: Tensor) -> torch.dtype:
+    """The dtype a weight computes in: a 4-bit weight's dequantised dtype, else its own."""
+    if type(weight).__name__ == "Params4bit":  # pragma: no cover - CUDA + bitsandbytes only
+        return weight.quant_state.dtype
+    return weight.dtype
+
+
+def storage_key(weight: Tensor) -> tuple:
+    """Identifies a weight's current contents (storage pointer, version counter): for an NF4Tensor those of its
+    4-bit codes, whose wrapper has no storage of its own. Caches of values derived from a frozen W0 key on it."""
+    data = weight.quantized_data if type(weight).__name__ == "NF4Tensor" else weight
+    return data.data_ptr(), data._version, weight.device, compute_dtype(weight)
+
+
+def _dequantize_nf4(weight: Tensor) -> Tensor:
+    """torchao's ``get_original_weight``, bit for bit (level × block scale in the tensor's dtype), with less
+    temporary memory (one int32 index per byte instead of two int64 per weight) and one gather: a 256×2 table
+    maps each byte to its two levels (high nibble = even element, low = odd, torchao's packing)."""
+    if not weight.is_contiguous():  # a transposed view (``.t()``)
+        return _dequantize_nf4(weight.t()).t()
+    levels = weight.nf4.to(weight.dtype)
+    pairs = torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=1)  # byte b → (lv[b>>4], lv[b&15])
+    values = pairs.index_select(0, weight.quantized_data.flatten().int())
+    scalers = weight.dequantize_scalers(weight.quantized_scalers, weight.quantization_factor, weight.scaler_block_size)
+    return values.view(-1, weight.block_size).mul_(scalers[:, None]).view(weight.shape)
+
+
 def dequantize(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A dense copy of a 4-bit weight (a plain weight is returned as it is, cast to ``dtype`` if given)."""
     name = type(weight).__name__
     if name == "NF4Tensor":
-        dense = weight.get_original_weight()
+        dense = _dequantize_nf4(weight)
     elif name == "Params4bit":  # pragma: no cover - CUDA + bitsandbytes only
         import bitsandbytes.functional as bnbF
 
@@ -113,6 +146,45 @@ def dequantize(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     else:
         dense = weight.detach() if isinstance(weight, nn.Parameter) else weight
     return dense if dtype is None else dense.to(dtype)
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """y = x·deq(W)ᵀ for a 4-bit W that gets no gradient: W is dequantised in forward, used, dropped, and
+    dequantised again in backward for ∂L/∂x = g·deq(W) (only the 4-bit W is kept; torchao's ``linear_nf4`` does
+    the same). Under autocast the matmuls run in the autocast dtype."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        dtype = _autocast_dtype(x.device.type) or x.dtype
+        ctx.save_for_backward(weight)
+        ctx.dtype = dtype
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.nn.functional.linear(x.to(dtype), dequantize(weight, dtype))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        with torch.autocast(grad.device.type, enabled=False):
+            return grad.to(ctx.dtype) @ dequantize(weight, ctx.dtype), None
+
+
+def linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``F.linear(x, W, b)`` that also takes a 4-bit W (dequantised per call, never kept: ``Linear4bitFunction``;
+    bitsandbytes: its ``matmul_4bit``). The input gradient flows through the 4-bit matmul."""
+    name = type(weight).__name__
+    if name == "NF4Tensor":
+        out = Linear4bitFunction.apply(x, weight)
+    elif name == "Params4bit":  # pragma: no cover - CUDA + bitsandbytes only
+        import bitsandbytes as bnb
+
+        out = bnb.matmul_4bit(x, weight.t(), quant_state=weight.quant_state)
+    else:
+        return torch.nn.functional.linear(x, weight, bias)
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def dense_weight(module: nn.Module) -> Tensor:
@@ -149,11 +221,31 @@ class QuantizationReport:
         if self.mode == "none":
             return "quantize: none"
         ratio = self.quantized_bytes / max(self.dense_bytes, 1)
-        kept = f"; kept dense: {', '.join(self.kept)}" if self.kept else ""
+        names = ", ".join(self.kept[:4]) + (f" (+{len(self.kept) - 4} more)" if len(self.kept) > 4 else "")
+        kept = f"; kept dense: {names}" if self.kept else ""
         return (
             f"quantize: {self.mode} on {len(self.quantized)} linear layers, "
             f"{self.dense_bytes / 2**20:.1f} MiB → {self.quantized_bytes / 2**20:.1f} MiB ({ratio:.3f}×){kept}"
         )
+
+
+def describe(model: nn.Module, mode: str) -> QuantizationReport:
+    """The 4-bit state of ``model`` now: its 4-bit linears (bytes, and their bytes in the compute dtype) and the
+    frozen linears kept dense (whichever way they got there: ``quantize_model`` or ``load_quantized``)."""
+    report = QuantizationReport(mode)
+    if mode == "none":
+        return report
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or weight is None:
+            continue
+        if is_quantized(weight):
+            report.quantized.append(name)
+            report.quantized_bytes += weight_bytes(weight)
+            report.dense_bytes += weight.numel() * torch.empty(0, dtype=compute_dtype(weight)).element_size()
+        elif not weight.requires_grad:
+            report.kept.append(name.removesuffix(".base"))
+    return report
 
 
 def _unquantizable(model: nn.Module) -> list[str]:
@@ -171,20 +263,22 @@ def lm_head_names(model: nn.Module) -> set[str]:
 def quantizable_linears(model: nn.Module, quantize_lm_head: bool = False) -> tuple[list[str], list[str]]:
     """(names to quantise, frozen linears kept dense). Every ``nn.Linear`` but the trained ones: before
     ``inject_adapters`` that is all but the task head (a new classifier / ``score`` trains in full), after it
-    every frozen one. The lm_head stays dense unless ``quantize_lm_head``; so does a layer too small for
-    NF4's blocks (fewer than 64·256 weights: tiny test models)."""
+    every frozen one. The lm_head stays dense unless ``quantize_lm_head`` (and always when it is tied to the input
+    embeddings, which stay dense); so does a layer whose size is not a multiple of NF4's double-quantisation
+    group (64·256 weights: tiny test models)."""
     from .inject import adapter_layers, find_task_head  # inject → adapters → quantize: import late
 
     injected = bool(adapter_layers(model))
     heads = set(find_task_head(model))
     lm_head = lm_head_names(model)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     chosen, kept = [], []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or is_quantized(module.weight):
             continue
         if (injected and module.weight.requires_grad) or (name in heads - lm_head):
             continue
-        if name in lm_head and not quantize_lm_head:
+        if name in lm_head and (not quantize_lm_head or uses[id(module.weight)] > 1):  # tied: the embedding's too
             kept.append(name)
         elif module.weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
             kept.append(name)
@@ -230,6 +324,11 @@ def quantize_model(model: nn.Module, mode: str = "nf4", quantize_lm_head: bool =
 
     Call it before or after ``inject_adapters``: an adapter's frozen base layer is an ``nn.Linear`` like
     any other. Raises a clear error for frozen layer kinds that cannot be quantised (GPT-2's ``Conv1D``).
+
+    A DoRA layer whose base gets quantised keeps its row scale m/n: n = ‖W0 + s·B·A‖ changes with W0's rounding,
+    so m is multiplied by n_4bit / n_dense. Right after injection (m = n) that is QDoRA's init, m = the row
+    norm of the dequantised W0, so the model starts exactly at the 4-bit base model [our choice of how to carry
+    a trained m over].
     """
     check_mode(mode)
     report = QuantizationReport(mode)
@@ -243,6 +342,8 @@ def quantize_model(model: nn.Module, mode: str = "nf4", quantize_lm_head: bool =
             "which it cannot quantise: use quantize='none' for this model, or a Llama/Qwen-style model"
         )
     chosen, report.kept = quantizable_linears(model, quantize_lm_head)
+    dora = _dora_layers_by_base(model, chosen)
+    norms = {name: layer.weight_norm() for name, layer in dora.items()}
     for name in chosen:
         module = model.get_submodule(name)
         report.dense_bytes += weight_bytes(module.weight)
@@ -255,7 +356,74 @@ def quantize_model(model: nn.Module, mode: str = "nf4", quantize_lm_head: bool =
             setattr(parent, child, _quantize_bnb(module))
             report.quantized_bytes += module.weight.numel() // 2
         report.quantized.append(name)
+    for name, layer in dora.items():
+        layer.clear_norm_cache()
+        ratio = layer.weight_norm() / norms[name]
+        layer.magnitude.mul_(ratio.to(layer.magnitude.dtype))
     return report
+
+
+def _dora_layers_by_base(model: nn.Module, bases: list[str]) -> dict:
+    """{base name: DoRA layer} for the DoRA layers whose base layer is among ``bases``."""
+    from .adapters import DoRALayer
+    from .inject import adapter_layers
+
+    chosen = set(bases)
+    return {
+        f"{name}.base": layer
+        for name, layer in adapter_layers(model).items()
+        if isinstance(layer, DoRALayer) and f"{name}.base" in chosen
+    }
+
+
+def quantization_record(model: nn.Module) -> Optional[dict]:
+    """What an adapter file records about a 4-bit base (None for a dense one): our storage, and the
+    ``BitsAndBytesConfig`` that loads the same base in 4 bits for PEFT + transformers (PEFT's adapter_config.json
+    has no field for it; the adapter tensors themselves are plain LoRA). bitsandbytes' NF4 has the same 16
+    levels, 64-weight blocks and 256-scale double-quantisation groups; its 8-bit code for the scales differs, so
+    W0 rounds almost, not bit for bit, the same."""
+    weights = [(n, p) for n, p in model.named_parameters() if is_quantized(p)]
+    if not weights:
+        return None
+    library = "bitsandbytes" if type(weights[0][1]).__name__ == "Params4bit" else "torchao"
+    dtype = str(compute_dtype(weights[0][1])).removeprefix("torch.")
+    kept = [n for n in lm_head_names(model) if not is_quantized(model.get_submodule(n).weight)]
+    return {
+        "method": "nf4",
+        "library": library,
+        "block_size": NF4_BLOCK_SIZE,
+        "double_quant": True,
+        "scaler_block_size": NF4_SCALER_BLOCK_SIZE,
+        "compute_dtype": dtype,
+        "quantized_weights": len(weights),
+        "bitsandbytes_config": {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": dtype,
+            "llm_int8_skip_modules": [k.rpartition(".")[2] for k in kept] or None,
+        },
+    }
+
+
+@contextmanager
+def kept_4bit(module: nn.Module, fn) -> Iterator[None]:
+    """Inside the block, ``nn.Module._apply`` does not see the 4-bit weights of ``module``; on exit each is put
+    back, moved to the device ``fn`` sends tensors to (as 4 bits). torchao's NF4Tensor answers ``.to(dtype)`` with
+    a dense copy, so without this a dtype cast of the model (``model.to(torch.bfloat16)``, ``.half()``,
+    Lightning's "bf16-true" ``convert_module``) would silently dequantise every frozen weight.
+    ``LoRAModule._apply`` uses it; in your own LightningModule override ``_apply`` the same way."""
+    held = [
+        (m, name, p) for m in module.modules() for name, p in m._parameters.items() if p is not None and is_quantized(p)
+    ]
+    for m, name, _ in held:
+        m._parameters[name] = None
+    try:
+        yield
+    finally:
+        for m, name, p in held:
+            device = fn(torch.empty(0, device=p.device)).device
+            m._parameters[name] = p if device == p.device else nn.Parameter(p.to(device), requires_grad=False)
 
 
 # -- loading without ever holding the whole model in 16 bits --------------------------------------------
@@ -388,6 +556,10 @@ def load_quantized(
             del tensor
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    if (folder / "generation_config.json").exists() and getattr(model, "generation_config", None) is not None:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(path)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ValueError(
@@ -415,11 +587,18 @@ def peak_rss_bytes() -> int:
 
 __all__ = [
     "QUANTIZE_MODES",
+    "Linear4bitFunction",
+    "compute_dtype",
+    "linear_4bit",
+    "storage_key",
     "QuantizationReport",
     "dense_weight",
+    "describe",
+    "kept_4bit",
     "dequantize",
     "is_quantized",
     "load_quantized",
+    "quantization_record",
     "quantize_model",
     "to_nf4",
     "weight_bytes",

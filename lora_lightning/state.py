@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters, injected_config
+from .quantize import quantization_record
 
 from torch.distributed.tensor import DTensor, distribute_tensor  # sharded (FSDP2) parameters
 
@@ -112,6 +113,9 @@ def save_adapter(model: nn.Module, path: Union[str, Path], format: str = FORMAT)
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "adapter": injected_config(model).to_dict()}
+        quant = quantization_record(model)
+        if quant is not None:
+            meta["base_quantization"] = quant  # informational: the adapter loads on a dense base as well
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if sharded:
         torch.distributed.barrier()

@@ -14,6 +14,8 @@ from torch import nn
 
 pytest.importorskip("torchao")
 
+from tiny_models import quantizable_llama, randomize_adapters  # noqa: E402
+
 from lora_lightning import AdapterConfig, adapter_layers, inject_adapters, merge_adapters  # noqa: E402
 from lora_lightning.adapters import ADAPTER_METHODS  # noqa: E402
 from lora_lightning.quantize import (  # noqa: E402
@@ -26,20 +28,7 @@ from lora_lightning.quantize import (  # noqa: E402
 
 
 def tiny_llama(vocab=96, hidden=128, inter=256, layers=2, tie=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    return quantizable_llama(vocab=vocab, hidden=hidden, inter=inter, layers=layers, tie=tie)
 
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -94,16 +83,17 @@ def test_bnb_nf4_without_cuda_names_the_alternative():
         quantize_model(tiny_llama(), "bnb-nf4")
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
 @pytest.mark.parametrize("method", sorted(ADAPTER_METHODS))
-def test_adapter_on_nf4_base_equals_dequantised_reference(method):
+def test_adapter_on_nf4_base_equals_dequantised_reference(method, fused):
     """Forward and gradients (A, B, magnitude, input) of an adapter on an NF4 base equal the same adapter on a
-    dense base holding the dequantised weight."""
+    dense base holding the dequantised weight, on the fused Function and on the plain autograd path."""
     torch.manual_seed(0)
     dense = nn.Linear(128, 256, bias=True)  # fp32 compute dtype, so the comparison can be tight
     quant = nn.Linear(128, 256, bias=True)
     quantize_model(nn.Sequential(quant), "nf4")  # quantises the frozen weight of the Sequential's child
     dense.load_state_dict({"weight": dequantize(quant.weight), "bias": quant.bias.detach()})
-    config = AdapterConfig(method=method, r=4, target_modules=["0"], dropout=0.0)
+    config = AdapterConfig(method=method, r=4, target_modules=["0"], dropout=0.0, fused=fused)
     models = [nn.Sequential(dense), nn.Sequential(quant)]
     for model in models:
         for p in model.parameters():
@@ -137,6 +127,172 @@ def test_adapter_on_nf4_base_equals_dequantised_reference(method):
     for g0, g1 in zip(*grads):
         torch.testing.assert_close(g0, g1, rtol=1e-5, atol=1e-5)
     assert models[1][0].base.weight.grad is None
+    assert is_quantized(models[1][0].base.weight)
+
+
+def _nf4_and_dequantised_llama(**adapter):
+    """(NF4 Llama, dense Llama holding the dequantised weights), float32 compute, the same adapters."""
+    quant = quantizable_llama().float()
+    quantize_model(quant, "nf4")
+    dense = quantizable_llama().float()
+    dense.load_state_dict({k: dequantize(v) for k, v in quant.state_dict().items()})
+    for model in (quant, dense):
+        torch.manual_seed(1)
+        inject_adapters(model, AdapterConfig(r=4, modules_to_save=[], **adapter), verbose=False)
+        randomize_adapters(model, seed=2, std=0.05)
+    return quant, dense
+
+
+def test_fused_gated_mlp_on_nf4_equals_dequantised_reference_and_keeps_no_dense_w0():
+    """The whole-MLP Function (gate/up/down adapted) on NF4 projections: logits and every adapter gradient equal
+    the dense reference's (float32, then under bf16 autocast); nothing saved for backward is a dense copy of an
+    NF4 weight (W0 is dequantised per call, never kept)."""
+    from lora_lightning.adapters.gated_mlp import is_patched
+
+    quant, dense = _nf4_and_dequantised_llama()
+    assert all(is_patched(m) for m in (quant.model.layers[0].mlp, dense.model.layers[0].mlp))
+    nf4_shapes = {tuple(p.shape) for p in quant.parameters() if is_quantized(p)}
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
+        results = []
+        for model in (quant, dense):
+            saved = []
+
+            def pack(t, saved=saved):
+                saved.append((type(t).__name__, tuple(t.shape), t.is_floating_point()))
+                return t
+
+            model.zero_grad()
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                    out = model(input_ids=ids, labels=ids)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+            results.append((out.logits.float(), grads, saved))
+        (logits_q, grads_q, saved_q), (logits_d, grads_d, _) = results
+        torch.testing.assert_close(logits_q, logits_d, rtol=tol, atol=tol)
+        assert grads_q.keys() == grads_d.keys() and len(grads_q) == 2 * 14
+        for name, g in grads_q.items():
+            torch.testing.assert_close(g, grads_d[name], rtol=tol, atol=tol * g.abs().max().item())
+        dense_copies = [s for s in saved_q if s[0] != "NF4Tensor" and s[2] and s[1] in nf4_shapes]
+        assert not dense_copies and any(s[0] == "NF4Tensor" for s in saved_q)
+
+
+def test_qdora_caches_row_norms_of_the_dequantised_w0():
+    """QDoRA: ‖W0_i‖² comes from the dequantised W0, is computed once and reused while W0 stays the same; the
+    magnitude starts at ‖deq(W0) + s·B·A‖, so the layer starts at the 4-bit base model."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256, bias=False))
+    quantize_model(model, "nf4")
+    inject_adapters(model, AdapterConfig(method="dora", r=4, target_modules=["0"]), verbose=False)
+    layer = model[0]
+    w0 = dequantize(layer.base.weight).float()
+    first = layer._w0_row_sq(torch.float32)
+    assert layer._w0_row_sq(torch.float32) is first  # cached
+    torch.testing.assert_close(first, w0.square().sum(1))
+    torch.testing.assert_close(layer.magnitude.detach(), w0.norm(dim=1))
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(layer(x), x @ w0.T)
+
+
+def test_quantising_after_injection_keeps_doras_row_scale():
+    """quantize_model after inject_adapters (how LoRAModule does it): DoRA's m is rescaled by n_4bit/n_dense, so
+    a fresh layer starts at the 4-bit base, exactly as when the base was quantised first."""
+    torch.manual_seed(0)
+    after = nn.Sequential(nn.Linear(128, 256, bias=False))
+    before = nn.Sequential(nn.Linear(128, 256, bias=False))
+    before.load_state_dict(after.state_dict())
+    inject_adapters(after, AdapterConfig(method="dora", r=4, target_modules=["0"]), verbose=False)
+    quantize_model(after, "nf4")
+    quantize_model(before, "nf4")
+    inject_adapters(before, AdapterConfig(method="dora", r=4, target_modules=["0"]), verbose=False)
+    torch.testing.assert_close(after[0].magnitude, before[0].magnitude, rtol=1e-6, atol=1e-7)
+
+
+def test_module_casts_keep_4bit_weights_4bit(tmp_path):
+    """LoRAModule with quantize="nf4": a pretrained causal LM is streamed in 4 bits; module dtype casts
+    (Lightning's bf16-true convert_module, .to(dtype)) leave the 4-bit weights 4-bit; errors name the fix."""
+    from lora_lightning import LoRAModule
+
+    quantizable_llama().save_pretrained(tmp_path / "m")
+    module = LoRAModule(str(tmp_path / "m"), quantize="nf4", dtype="bf16", init_seed=0)
+    module.configure_model()
+    count = sum(is_quantized(p) for p in module.parameters())
+    assert count == 10
+    module.to(torch.bfloat16)
+    module.float()
+    assert sum(is_quantized(p) for p in module.parameters()) == count
+    assert module.model.model.layers[0].self_attn.q_proj.lora_A.dtype == torch.float32
+    with pytest.raises(ValueError, match="choose one of none, nf4, bnb-nf4"):
+        LoRAModule(str(tmp_path / "m"), quantize="int4")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA device.*quantize='nf4'"):
+            LoRAModule(str(tmp_path / "m"), quantize="bnb-nf4")
+
+
+@pytest.mark.parametrize("method", sorted(ADAPTER_METHODS))
+def test_each_method_trains_a_tiny_llama_on_an_nf4_base(method, tmp_path):
+    """Every method, through LoRAModule + Trainer (its callbacks included) on a bf16 Llama whose frozen linears
+    are NF4, with gradient checkpointing: the training loss falls, the base stays 4-bit and gets no gradient."""
+    from lightning.pytorch import Trainer
+    from test_causal_lm import examples, lm_loader
+
+    from lora_lightning import LoRAModule
+    from lora_lightning.module import default_lr
+
+    rows = examples(seed=3, n=4, vocab=96)
+    adapter = AdapterConfig(method=method, r=4)
+    module = LoRAModule(quantizable_llama(), adapter=adapter, quantize="nf4", dtype="bf16", gradient_checkpointing=True,
+                        lr=10 * default_lr(adapter), warmup=0, scheduler="constant", init_seed=0)
+    batch = next(iter(lm_loader(rows, 4)))
+
+    def loss() -> float:
+        with torch.no_grad():
+            total, n = module.task.loss(module.model, batch)
+        return (total / n).item()
+
+    module.configure_model()
+    start = loss()
+    trainer = Trainer(max_steps=8, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, train_dataloaders=lm_loader(rows, 4))
+    end = loss()
+    print(f"{method}: loss {start:.3f} → {end:.3f}")
+    assert end < start - 0.5
+    weights = [p for p in module.model.parameters() if is_quantized(p)]
+    assert len(weights) == 10 and all(p.grad is None for p in weights)
+
+
+def test_export_merged_of_a_qlora_model_matches_its_logits(tmp_path):
+    """export_merged dequantises W0 to bf16, merges there and writes a plain bf16 model whose logits match the
+    trained QLoRA model's within bf16 rounding (both share W0's 4-bit rounding); merging into 4-bit codes instead
+    (requantize) moves them by far more. The PEFT export records the 4-bit base."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lora_lightning import save_adapter
+    from lora_lightning.interop import export_merged
+
+    model = quantizable_llama()
+    inject_adapters(model, AdapterConfig(method="dora", r=4, dtype="float32", modules_to_save=[]), verbose=False)
+    quantize_model(model, "nf4")
+    randomize_adapters(model, std=0.05)
+    export_merged(model, tmp_path / "merged", requantize=True)
+    check = json.loads((tmp_path / "merged" / "merge_check.json").read_text())
+    print(check)
+    assert check["ok"] and check["dtype"] == "bfloat16"
+    assert check["max_abs_diff"] <= check["tolerance"] < 0.05 * check["adapter_effect"]
+    assert check["requantized_max_abs_diff"] > 4 * check["max_abs_diff"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16 and not any(is_quantized(p) for p in merged.parameters())
+    assert all(is_quantized(layer.base.weight) for name, layer in adapter_layers(model).items() if "k_proj" not in name
+               and "v_proj" not in name)  # the trained model is left as it was
+
+    save_adapter(model, tmp_path / "peft", format="peft")
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["lora_lightning"])["base_quantization"]
+    assert record["method"] == "nf4" and record["bitsandbytes_config"]["bnb_4bit_use_double_quant"]
+    assert "BitsAndBytesConfig(" in (tmp_path / "peft" / "README.md").read_text()
 
 
 def test_merge_dequantises_so_the_update_is_not_rounded_away():
