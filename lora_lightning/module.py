@@ -71,7 +71,7 @@ from .config import AdapterConfig, parse_dtype
 from .distributed import shard_adapters
 from .generation import GenerationOptions, as_generation_options
 from .inject import adapter_layers, inject_adapters
-from .quantize import check_mode, describe, kept_4bit, nf4_available, quantize_model
+from .quantize import check_mode, describe, ignore_4bit_in_ddp, kept_4bit, nf4_available, quantize_model
 from .state import adapter_state_dict
 from .tasks import get_task
 
@@ -270,6 +270,8 @@ class LoRAModule(LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
         self.model = model
+        if h.quantize != "none":
+            ignore_4bit_in_ddp(self)  # every rank builds the same 4-bit weights; DDP's broadcast would garble them
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Module casts and moves leave 4-bit weights 4-bit (``quantize.kept_4bit``): Lightning's "bf16-true"

@@ -406,6 +406,21 @@ def quantization_record(model: nn.Module) -> Optional[dict]:
     }
 
 
+def ignore_4bit_in_ddp(module: nn.Module) -> list[str]:
+    """Keep ``module``'s 4-bit weights out of DDP's start-up broadcast of parameters (returns their names).
+
+    DDP copies rank 0's parameters to every rank through flat dense buffers; an NF4Tensor comes back from that
+    round trip dequantised and re-quantised (torchao's ``copy_`` of a dense tensor), so W0 changes on every rank
+    alike: the ranks agree with each other but not with one process (measured on the tiny test Llama: adapter
+    weights off by as much as they moved in 3 steps). Every rank builds the same frozen weights (same seed /
+    checkpoint), so nothing needs broadcasting. Call it on the module DDP wraps (Lightning:
+    the LightningModule) before the strategy sets up; ``LoRAModule.configure_model`` does."""
+    names = [n for n, p in module.named_parameters() if is_quantized(p)]
+    ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ())) | set(names)
+    module._ddp_params_and_buffers_to_ignore = sorted(ignored)
+    return names
+
+
 @contextmanager
 def kept_4bit(module: nn.Module, fn) -> Iterator[None]:
     """Inside the block, ``nn.Module._apply`` does not see the 4-bit weights of ``module``; on exit each is put
@@ -596,6 +611,7 @@ __all__ = [
     "describe",
     "kept_4bit",
     "dequantize",
+    "ignore_4bit_in_ddp",
     "is_quantized",
     "load_quantized",
     "quantization_record",

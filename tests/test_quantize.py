@@ -218,7 +218,7 @@ def test_module_casts_keep_4bit_weights_4bit(tmp_path):
     module = LoRAModule(str(tmp_path / "m"), quantize="nf4", dtype="bf16", init_seed=0)
     module.configure_model()
     count = sum(is_quantized(p) for p in module.parameters())
-    assert count == 10
+    assert count == 10 and len(module._ddp_params_and_buffers_to_ignore) == 10  # kept out of DDP's broadcast
     module.to(torch.bfloat16)
     module.float()
     assert sum(is_quantized(p) for p in module.parameters()) == count
