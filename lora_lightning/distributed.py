@@ -31,7 +31,8 @@ CPU with gloo (2 processes in the tests) and on GPUs with NCCL.
 QLoRA (4-bit frozen bases, ``lora_lightning.quantize``): FSDP2 shards torchao's NF4Tensor as it is (its
 ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` gather the 4-bit codes and scales, not a dense weight, as
 torchtune's QLoRA recipes rely on). NF4 splits along dim 0 only into whole double-quantisation groups: a
-weight is sharded over W ranks when its out-rows divide by W and numel/W is a multiple of 64·256 (``nf4_shardable``).
+weight is sharded over W ranks when its out-rows divide by W and numel/W is a multiple of 64·group (group = 256
+for Llama/Qwen projections; ``nf4_shardable``).
 A 4-bit weight that does not split (a small projection of a test model) is passed to ``fully_shard`` as an
 ``ignored_params`` entry and stays whole and replicated on every rank, as under DDP (4 bits, frozen: no
 gradient to reduce), and its base layer gets no unit of its own, so the adapter layer keeps the fused path.
@@ -55,7 +56,7 @@ from torch import Tensor, nn
 
 from .adapters import AdapterLayer, DoRALayer
 from .inject import adapter_layers
-from .quantize import NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE, is_quantized
+from .quantize import is_quantized
 from .state import DTensor, full_tensor, is_flat_sharded
 
 try:  # torch >= 2.6; 2.4-2.5 ship it under _composable
@@ -78,11 +79,12 @@ def _block_names(model: nn.Module, block_classes: BlockClasses) -> set[str]:
 
 
 def nf4_shardable(weight: Tensor, world_size: int) -> bool:
-    """Whether FSDP2 can shard this 4-bit NF4 weight over ``world_size`` ranks (module docstring)."""
-    rows, numel = weight.shape[0], weight.numel()
-    return rows % world_size == 0 and (numel // world_size) % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE) == 0 and (
-        numel % world_size == 0
-    )
+    """Whether FSDP2 can shard this 4-bit NF4 weight over ``world_size`` ranks (module docstring): whole rows and
+    whole double-quantisation groups (64·``scaler_block_size`` weights) per rank."""
+    if type(weight).__name__ != "NF4Tensor":
+        return False
+    group = weight.block_size * weight.scaler_block_size
+    return weight.shape[0] % world_size == 0 and weight.numel() % (world_size * group) == 0
 
 
 def unshardable_4bit(model: nn.Module, world_size: int) -> set[nn.Parameter]:

@@ -4,9 +4,13 @@ Storage (``quantize="nf4"``, torchao's ``NF4Tensor``; QLoRA §3, "4-bit NormalFl
 
     W0 ≈ c2 · code[q]      q ∈ {0..15}: 4-bit indices into the 16 NF4 levels (quantiles of N(0, 1)),
                            one absmax scale c2 per block of 64 weights, and the c2 themselves quantised
-                           to 8 bits with one fp32 scale per block of 256 scales (double quantisation),
+                           to 8 bits with one fp32 scale per group of 256 scales (double quantisation),
 
-i.e. 4 + 8/64 + 32/(64·256) ≈ 4.127 bits a weight: a 1024×1024 matrix takes 0.26× its bf16 bytes.
+i.e. 4 + 8/64 + 32/(64·256) ≈ 4.127 bits a weight: a 1024×1024 matrix takes 0.26× its bf16 bytes. torchao's
+NF4Tensor needs whole groups; a weight whose block count 256 does not divide (SmolLM2's 576×576 projections:
+5184 blocks) gets the largest group size ≤ 256 that divides it (216 there; ``scaler_group_size``) instead of
+staying dense [our choice; QLoRA's paper fixes 256]. Only a weight without such a group of ≥ 32 blocks (or not a
+multiple of 64 weights) stays dense.
 The matmul dequantises W0 to the compute dtype block by block (``linear_nf4``): y = x·deq(W0)ᵀ; the input
 gradient flows through the same dequantised matrix, W0 itself never gets one.
 
@@ -36,7 +40,20 @@ from torch import Tensor, nn
 
 QUANTIZE_MODES = ("none", "nf4", "bnb-nf4")
 NF4_BLOCK_SIZE = 64  # weights per absmax scale (QLoRA)
-NF4_SCALER_BLOCK_SIZE = 256  # scales per second-level scale (double quantisation)
+NF4_SCALER_BLOCK_SIZE = 256  # scales per second-level scale (double quantisation), at most
+NF4_MIN_SCALER_BLOCK_SIZE = 32  # a smaller group would cost > 1/64 bit a weight in fp32 second-level scales
+
+
+def scaler_group_size(numel: int) -> Optional[int]:
+    """The double-quantisation group of a weight with ``numel`` elements: the largest divisor of its block count
+    that is ≤ 256 (256 itself for every Llama/Qwen projection), or None when it cannot be stored in NF4."""
+    if numel % NF4_BLOCK_SIZE:
+        return None
+    n_blocks = numel // NF4_BLOCK_SIZE
+    for size in range(min(NF4_SCALER_BLOCK_SIZE, n_blocks), NF4_MIN_SCALER_BLOCK_SIZE - 1, -1):
+        if n_blocks % size == 0:
+            return size
+    return None
 
 
 def _nf4_module():
@@ -90,21 +107,20 @@ def to_nf4(weight: Tensor) -> Tensor:
     faster on CPU, and no numel×16 temporary while a checkpoint streams in)."""
     nf4 = _nf4_module()
     w = weight.detach().contiguous()
-    if w.dim() > 2 or w.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
+    group = scaler_group_size(w.numel())
+    if w.dim() > 2 or group is None:
         raise ValueError(
-            f"NF4 needs a ≤2-D weight with a multiple of {NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE} elements, "
-            f"got shape {tuple(w.shape)}"
+            f"NF4 needs a ≤2-D weight made of blocks of {NF4_BLOCK_SIZE} whose count has a divisor between "
+            f"{NF4_MIN_SCALER_BLOCK_SIZE} and {NF4_SCALER_BLOCK_SIZE}, got shape {tuple(w.shape)}"
         )
     flat = w.flatten()
     n_blocks = flat.numel() // NF4_BLOCK_SIZE
     levels = torch.tensor(NF4_LEVELS, dtype=w.dtype, device=w.device)
-    scalers, factor, mean = nf4.NF4Tensor.double_quantize_scalers(flat, NF4_BLOCK_SIZE, NF4_SCALER_BLOCK_SIZE)
+    scalers, factor, mean = nf4.NF4Tensor.double_quantize_scalers(flat, NF4_BLOCK_SIZE, group)
     absmax = nf4.get_block_absmax(flat, NF4_BLOCK_SIZE)
     codes = _nf4_codes(flat.view(n_blocks, NF4_BLOCK_SIZE) / absmax[:, None], levels)
     meta = nf4.SubclassTensorArgs(w.size(), w.stride(), w.storage_offset(), w.dtype, w.device, False)
-    return nf4.NF4Tensor(
-        meta, NF4_BLOCK_SIZE, n_blocks, NF4_SCALER_BLOCK_SIZE, scalers, factor, mean, codes, nf4=levels
-    )
+    return nf4.NF4Tensor(meta, NF4_BLOCK_SIZE, n_blocks, group, scalers, factor, mean, codes, nf4=levels)
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
@@ -264,8 +280,7 @@ def quantizable_linears(model: nn.Module, quantize_lm_head: bool = False) -> tup
     """(names to quantise, frozen linears kept dense). Every ``nn.Linear`` but the trained ones: before
     ``inject_adapters`` that is all but the task head (a new classifier / ``score`` trains in full), after it
     every frozen one. The lm_head stays dense unless ``quantize_lm_head`` (and always when it is tied to the input
-    embeddings, which stay dense); so does a layer whose size is not a multiple of NF4's double-quantisation
-    group (64·256 weights: tiny test models)."""
+    embeddings, which stay dense); so does a layer NF4 cannot store (``scaler_group_size`` is None)."""
     from .inject import adapter_layers, find_task_head  # inject → adapters → quantize: import late
 
     injected = bool(adapter_layers(model))
@@ -280,7 +295,7 @@ def quantizable_linears(model: nn.Module, quantize_lm_head: bool = False) -> tup
             continue
         if name in lm_head and (not quantize_lm_head or uses[id(module.weight)] > 1):  # tied: the embedding's too
             kept.append(name)
-        elif module.weight.numel() % (NF4_BLOCK_SIZE * NF4_SCALER_BLOCK_SIZE):
+        elif scaler_group_size(module.weight.numel()) is None:
             kept.append(name)
         else:
             chosen.append(name)
@@ -393,7 +408,7 @@ def quantization_record(model: nn.Module) -> Optional[dict]:
         "library": library,
         "block_size": NF4_BLOCK_SIZE,
         "double_quant": True,
-        "scaler_block_size": NF4_SCALER_BLOCK_SIZE,
+        "scaler_block_size": NF4_SCALER_BLOCK_SIZE,  # at most; see scaler_group_size
         "compute_dtype": dtype,
         "quantized_weights": len(weights),
         "bitsandbytes_config": {
@@ -616,6 +631,7 @@ __all__ = [
     "load_quantized",
     "quantization_record",
     "quantize_model",
+    "scaler_group_size",
     "to_nf4",
     "weight_bytes",
 ]

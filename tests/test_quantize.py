@@ -34,15 +34,18 @@ def tiny_llama(vocab=96, hidden=128, inter=256, layers=2, tie=False):
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def test_nf4_codes_are_the_nearest_level_and_match_torchao():
+@pytest.mark.parametrize("shape, group", [((256, 192), 256), ((576, 576), 216)])
+def test_nf4_codes_are_the_nearest_level_and_match_torchao(shape, group):
     """Our NF4Tensor has torchao's scales exactly, and each weight's code is its nearest level: never farther
-    from the weight than torchao's choice, and the same code for all but bf16 near-ties."""
+    from the weight than torchao's choice, and the same code for all but bf16 near-ties. A weight whose block
+    count 256 does not divide (SmolLM2's 576×576: 5184 blocks) gets the largest group ≤ 256 dividing it."""
     from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4 as torchao_to_nf4
 
     from lora_lightning.quantize import to_nf4
 
-    w = (torch.randn(256, 192) * 0.05).to(torch.bfloat16)
-    ours, theirs = to_nf4(w), torchao_to_nf4(w, 64, 256)
+    w = (torch.randn(*shape) * 0.05).to(torch.bfloat16)
+    ours, theirs = to_nf4(w), torchao_to_nf4(w, 64, group)
+    assert ours.scaler_block_size == group
     torch.testing.assert_close(ours.quantized_scalers, theirs.quantized_scalers, rtol=0, atol=0)
     torch.testing.assert_close(ours.quantization_factor, theirs.quantization_factor, rtol=0, atol=0)
     err_ours = (ours.get_original_weight().float() - w.float()).abs()
@@ -56,12 +59,24 @@ def test_every_frozen_linear_is_nf4_and_lm_head_embeddings_stay_dense():
     report = quantize_model(model, "nf4")
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     quantized = {n for n, m in linears.items() if is_quantized(m.weight)}
-    # k_proj/v_proj are 128→64: 8192 weights, fewer than one NF4 scaler block (64·256), so kept dense
-    assert quantized == {n for n in linears if n.endswith(("q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
+    assert quantized == {n for n in linears if n.endswith(LINEARS)}
+    # k_proj/v_proj are 128→64: 128 blocks of 64, so their double-quantisation group is 128 blocks, not 256
+    assert {m.weight.scaler_block_size for n, m in linears.items() if n.endswith(("k_proj", "v_proj"))} == {128}
     assert not is_quantized(model.lm_head.weight) and "lm_head" in report.kept
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16
     assert report.quantized_bytes / report.dense_bytes < 0.3  # 4.127 bits / 16
     assert report.quantized_bytes == sum(weight_bytes(linears[n].weight) for n in quantized)
+
+
+def test_scaler_group_size_is_the_largest_divisor_up_to_256():
+    from lora_lightning.quantize import quantizable_linears, scaler_group_size
+
+    assert scaler_group_size(4096 * 4096) == 256 and scaler_group_size(896 * 128) == 256  # Llama, Qwen k_proj
+    assert scaler_group_size(576 * 576) == 216 and scaler_group_size(192 * 576) == 216  # SmolLM2 q, k
+    assert scaler_group_size(64 * 97) == 97  # a prime block count up to 256 is one group
+    assert scaler_group_size(64 * 257) is None and scaler_group_size(64 * 31) is None and scaler_group_size(100) is None
+    model = nn.Sequential(nn.Linear(257, 64), nn.Linear(64, 64))
+    assert quantizable_linears(model) == (["1"], ["0"])  # 64·257 weights: no group, kept dense
 
 
 def test_quantize_lm_head_option_and_errors():
@@ -218,7 +233,7 @@ def test_module_casts_keep_4bit_weights_4bit(tmp_path):
     module = LoRAModule(str(tmp_path / "m"), quantize="nf4", dtype="bf16", init_seed=0)
     module.configure_model()
     count = sum(is_quantized(p) for p in module.parameters())
-    assert count == 10 and len(module._ddp_params_and_buffers_to_ignore) == 10  # kept out of DDP's broadcast
+    assert count == 14 and len(module._ddp_params_and_buffers_to_ignore) == 14  # kept out of DDP's broadcast
     module.to(torch.bfloat16)
     module.float()
     assert sum(is_quantized(p) for p in module.parameters()) == count
@@ -260,7 +275,7 @@ def test_each_method_trains_a_tiny_llama_on_an_nf4_base(method, tmp_path):
     print(f"{method}: loss {start:.3f} → {end:.3f}")
     assert end < start - 0.5
     weights = [p for p in module.model.parameters() if is_quantized(p)]
-    assert len(weights) == 10 and all(p.grad is None for p in weights)
+    assert len(weights) == 14 and all(p.grad is None for p in weights)
 
 
 def test_export_merged_of_a_qlora_model_matches_its_logits(tmp_path):
@@ -285,8 +300,7 @@ def test_export_merged_of_a_qlora_model_matches_its_logits(tmp_path):
     assert check["requantized_max_abs_diff"] > 4 * check["max_abs_diff"]
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.bfloat16 and not any(is_quantized(p) for p in merged.parameters())
-    assert all(is_quantized(layer.base.weight) for name, layer in adapter_layers(model).items() if "k_proj" not in name
-               and "v_proj" not in name)  # the trained model is left as it was
+    assert all(is_quantized(layer.base.weight) for layer in adapter_layers(model).values())  # model left as it was
 
     save_adapter(model, tmp_path / "peft", format="peft")
     with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), "pt") as f:
@@ -322,7 +336,7 @@ def test_streaming_load_equals_quantising_the_loaded_model(tmp_path):
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
     quantize_model(reference, "nf4")
     loaded, report = load_quantized(AutoModelForCausalLM, str(tmp_path / "m"), dtype=torch.bfloat16)
-    assert len(report.quantized) == 10
+    assert len(report.quantized) == 14
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight  # tied stays tied
     ids = torch.randint(0, 96, (2, 9))
     torch.testing.assert_close(loaded(input_ids=ids).logits, reference.eval()(input_ids=ids).logits)

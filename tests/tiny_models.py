@@ -38,8 +38,8 @@ def tiny_llama(seed: int = 0):
 
 
 def quantizable_llama(seed: int = 0, vocab: int = 96, hidden: int = 128, inter: int = 256, layers: int = 2, tie: bool = False):
-    """A tiny bf16 Llama whose q/o/gate/up/down projections are big enough for NF4 (a multiple of 64·256 weights;
-    k/v, 128→64, and the lm_head stay dense), for the QLoRA tests."""
+    """A tiny bf16 Llama for the QLoRA tests: every projection NF4-storable (q/o/gate/up/down whole groups of 64·256
+    weights, k/v 128 blocks), gate/up/down splittable over 2 FSDP2 ranks, the lm_head (kept dense) 96×128."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
