@@ -62,6 +62,7 @@ from .atomic import write_directory
 from .adapters import ADAPTER_METHODS, AdapterLayer, DoRALayer, LoRALayer, SDSLayer, export_as_lora
 from .config import AdapterConfig
 from .inject import adapter_layers, bases_in_place, injected_config
+from .quantize import compute_dtype, dequantize, is_quantized, quantization_record
 from .state import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -304,11 +305,17 @@ def peft_adapter_files(
     ours = {**injected_config(model).to_dict(), "peft_form": peft_form(injected_config(model))}
     if labels is not None:
         ours["labels"] = [str(name) for name in labels]
+    quant = quantization_record(model)
+    if quant is not None:  # a QLoRA adapter: how its base was stored, and a README on loading it with PEFT + bnb
+        ours["base_quantization"] = quant
     metadata = {"format": "pt", "lora_lightning": json.dumps(ours, sort_keys=True)}
-    return {
+    files = {
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata=metadata),
         CONFIG_NAME: json.dumps(config_json, indent=2, sort_keys=True).encode(),
     }
+    if quant is not None:
+        files["README.md"] = _qlora_readme(config_json, quant).encode()
+    return files
 
 
 def save_peft_adapter(
@@ -329,6 +336,38 @@ def save_peft_adapter(
     if sharded:
         torch.distributed.barrier()
     return path
+
+
+def _qlora_readme(config_json: dict[str, Any], quant: dict[str, Any]) -> str:
+    """The note a QLoRA adapter directory carries: how to load it on a 4-bit base with PEFT + bitsandbytes."""
+    bnb = quant["bitsandbytes_config"]
+    args = ", ".join(
+        f"{k}={v!r}" if k != "bnb_4bit_compute_dtype" else f"{k}=torch.{v}" for k, v in bnb.items() if v is not None
+    )
+    base = config_json.get("base_model_name_or_path") or "<base model>"
+    return f"""# QLoRA adapter (lora_lightning)
+
+Trained on a 4-bit base: every frozen linear stored in NF4 ({quant["library"]}: blocks of {quant["block_size"]},
+double-quantised scales in groups of {quant["scaler_block_size"]}), compute dtype {quant["compute_dtype"]}.
+The adapter tensors are plain {"DoRA" if config_json.get("use_dora") else "LoRA"} in PEFT's format; load them
+on the same 4-bit base:
+
+```python
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+base = AutoModelForCausalLM.from_pretrained(
+    "{base}", quantization_config=BitsAndBytesConfig({args})
+)
+model = PeftModel.from_pretrained(base, "<this directory>")
+```
+
+bitsandbytes' NF4 uses the same levels and blocks; its 8-bit code for the scales differs slightly, so W0 rounds
+almost (not bit for bit) as in training. On a 16-bit base the adapter also loads (plain
+`PeftModel.from_pretrained`), and lora_lightning loads it with `model.quantize: nf4` (torchao, the training
+storage). `safetensors` metadata "lora_lightning" → "base_quantization" holds this record.
+"""
 
 
 # -- PEFT import -----------------------------------------------------------------------------------------------
@@ -528,8 +567,26 @@ def _write_merged(model: nn.Module, path: Path, state: dict[str, Tensor], prepro
     return written
 
 
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the frozen base computes in: a 4-bit weight's dequantised dtype, else its first frozen float
+    tensor's (adapters may be float32 over a bf16 base)."""
+    for p in model.parameters():
+        if is_quantized(p):
+            return compute_dtype(p)
+    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    return (frozen or [torch.empty(0)])[0].dtype
+
+
 @torch.no_grad()
-def export_merged(model: nn.Module, path: Union[str, Path], preprocessor: Any = None) -> Path:
+def export_merged(
+    model: nn.Module,
+    path: Union[str, Path],
+    preprocessor: Any = None,
+    dtype: Optional[torch.dtype] = None,
+    check: Union[bool, str] = "auto",
+    requantize: bool = False,
+    probes: Optional[Tensor] = None,
+) -> Path:
     """Write ``model`` with every adapter merged (W0 + ΔW; DoRA: m ⊙ (W0 + s·B·A)/‖·‖) and without adapter
     wrappers, as its library saves it, so it loads with no lora_lightning installed:
 
@@ -545,7 +602,18 @@ def export_merged(model: nn.Module, path: Union[str, Path], preprocessor: Any = 
 
     ``model`` is left as it was (merged weights are computed beside it). Sharded (FSDP2) models: every rank must
     call it (each tensor is gathered in turn), rank 0 writes. Adapted layers whose weight is tied to another
-    module are refused. Returns the directory."""
+    module are refused. Returns the directory.
+
+    QLoRA (4-bit frozen weights, ``lora_lightning.quantize``): merging into 4-bit codes would round most of ΔW
+    away, so every 4-bit W0 is dequantised to ``dtype`` (None: the base's compute dtype, e.g. bf16), ΔW is
+    added there, and the file holds plain 16-bit weights (the 4-bit layers that carry no adapter are
+    dequantised too). ``dtype`` also casts every other float tensor (a float32 export of a bf16 model).
+
+    ``check`` ("auto": for a transformers model with 4-bit weights; True: any transformers model): reload the
+    written model and compare its logits with the live model's on ``probes`` (token ids; default 2×16 seeded
+    random ids), printing and writing ``merge_check.json`` (``check_merged``). ``requantize=True`` also stores
+    the reloaded merged weights in NF4 again and reports how far its logits move (what loading the merged
+    model in 4 bits costs)."""
     refuse_flat_sharded(model, "export_merged")
     layers = adapter_layers(model)
     if not layers:
@@ -553,15 +621,22 @@ def export_merged(model: nn.Module, path: Union[str, Path], preprocessor: Any = 
     _refuse_tied_adapted(model, layers)
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     rank0 = _global_rank() == 0
+    quantized = any(is_quantized(p) for p in model.parameters())
+    target = dtype or _compute_dtype(model)
+
+    def saved(t: Tensor) -> Tensor:  # 4-bit → dequantised; with ``dtype``: every float tensor cast
+        if is_quantized(t):
+            return dequantize(t, target)
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     def whole(t: Tensor) -> Optional[Tensor]:
-        t = full_tensor(t).detach()
+        t = saved(full_tensor(t).detach())
         return (t.cpu() if sharded else t) if rank0 else None
 
     merged = {}
     for name, layer in layers.items():
         with gathered(layer):
-            merged[f"{name}.weight"] = whole(layer.merged_weight())
+            merged[f"{name}.weight"] = whole(layer.merged_weight(target))
     path = Path(path)
     with bases_in_place(model):
         state, done = {}, {}
@@ -570,14 +645,125 @@ def export_merged(model: nn.Module, path: Union[str, Path], preprocessor: Any = 
                 done[id(t)] = whole(t)
             state[key] = merged[key] if key in merged else done[id(t)]
         if rank0:
-            _write_merged(model, path, state, preprocessor)
-    if sharded:
+            written = _write_merged(model, path, state, preprocessor)
+            if dtype is not None and "transformers model (save_pretrained)" in written:
+                _set_config_dtype(path, dtype)  # save_pretrained records the live model's dtype
+    del merged, state, done
+    transformers_model = hasattr(model, "save_pretrained") and hasattr(model, "config")
+    if (check is True or (check == "auto" and quantized)) and transformers_model:
+        check_merged(model, path, probes=probes, requantize=requantize)
+    elif sharded:
         torch.distributed.barrier()
     return path
 
 
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    file = path / "config.json"
+    config = json.loads(file.read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _atomic_write(file, lambda tmp: tmp.write_text(text))
+
+
+def _probe_ids(model: nn.Module, probes: Optional[Tensor]) -> Tensor:
+    if probes is not None:
+        return probes
+    vocab = getattr(model.config, "vocab_size", None)
+    if not vocab:
+        raise ValueError("check_merged: the model's config has no vocab_size; pass probes=<input_ids>")
+    return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    out = model(input_ids=ids.to(next(model.parameters()).device))
+    return (out.logits if hasattr(out, "logits") else out[0]).float().cpu()
+
+
+@torch.no_grad()
+def check_merged(
+    model: nn.Module, path: Union[str, Path], probes: Optional[Tensor] = None, requantize: bool = False
+) -> dict[str, Any]:
+    """Compare the merged model written to ``path`` (reloaded with its transformers Auto class, in the dtype it
+    was saved in) with the live adapted ``model`` on ``probes`` (token ids), in eval mode. Returns, prints and
+    writes to ``path/merge_check.json``:
+
+        max_abs_diff     max |logits(merged) − logits(live)|
+        adapter_effect   max |logits(live) − logits(live with adapters off)|: what the adapters change; the merge
+                         error is only meaningful next to it
+        tolerance        8·u·max|logits|, u the unit roundoff of the coarser of the saved dtype and the live model's
+                         compute dtype (2⁻⁸ for bf16, 2⁻¹¹ for fp16, 2⁻²⁴ for fp32): the merged weights are rounded
+                         once to their dtype and both forwards round their activations [our bound; measured
+                         ≈ 2u on the tiny test Llama]; both models share W0's 4-bit rounding, so it does not count
+                         against the merge
+        ok               max_abs_diff ≤ tolerance (a warning otherwise)
+        requantized_max_abs_diff   (``requantize``) the merged model with its linears in NF4 again vs the live
+                         model: what re-quantising the merged model costs (ΔW rounded to 4 bits with W0)
+
+    Sharded (FSDP2) models: every rank calls it (the live forward is collective); rank 0 loads and compares."""
+    import transformers
+
+    from .quantize import quantize_model
+
+    path = Path(path)
+    ids = _probe_ids(model, probes)
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        live = _logits(model, ids)
+        base = None
+        if not sharded:  # the bare base layers cannot run on their own inside FSDP2 units
+            with bases_in_place(model):
+                base = _logits(model, ids)
+    finally:
+        model.train(was_training)
+    result: dict[str, Any] = {}
+    if _global_rank() == 0:
+        config = json.loads((path / "config.json").read_text())
+        arch = (config.get("architectures") or [""])[0]
+        cls = getattr(transformers, arch, None) or transformers.AutoModelForCausalLM
+        saved_dtype = getattr(torch, str(config.get("dtype") or "float32"))
+        merged = cls.from_pretrained(path, dtype=saved_dtype).eval()
+        got = _logits(merged, ids)
+        scale = live.abs().max().item()
+        unit = max(torch.finfo(saved_dtype).eps, torch.finfo(_compute_dtype(model)).eps) / 2  # 2^-8 for bf16
+        result = {
+            "probes": list(ids.shape),
+            "dtype": str(saved_dtype).removeprefix("torch."),
+            "max_abs_diff": (got - live).abs().max().item(),
+            "max_abs_logit": scale,
+            "adapter_effect": None if base is None else (live - base).abs().max().item(),
+            "tolerance": 8 * unit * scale,
+        }
+        result["ok"] = result["max_abs_diff"] <= result["tolerance"]
+        if requantize:
+            quantize_model(merged, "nf4")
+            result["requantized_max_abs_diff"] = (_logits(merged, ids) - live).abs().max().item()
+        del merged
+        text = json.dumps(result, indent=2, sort_keys=True)
+        _atomic_write(path / "merge_check.json", lambda tmp: tmp.write_text(text))
+        print(
+            f"export_merged check on {ids.shape[0]}×{ids.shape[1]} probe tokens: max |merged − trained| logits = "
+            f"{result['max_abs_diff']:.3g} (tolerance {result['tolerance']:.3g}"
+            + (f"; the adapters move logits by up to {result['adapter_effect']:.3g})" if base is not None else ")")
+            + (f"; re-quantised to NF4 the merged model moves by {result['requantized_max_abs_diff']:.3g}"
+               if requantize else "")
+        )
+        if not result["ok"]:
+            warnings.warn(
+                f"export_merged: the merged model's logits differ from the trained model's by "
+                f"{result['max_abs_diff']:.3g}, more than the {result['dtype']} rounding bound "
+                f"{result['tolerance']:.3g}; export with dtype=torch.float32 to see whether rounding causes it",
+                stacklevel=2,
+            )
+    if sharded:
+        torch.distributed.barrier()
+    return result
+
+
 __all__ = [
     "PEFT_FORMS",
+    "check_merged",
     "export_merged",
     "load_peft_adapter",
     "peft_config",

@@ -102,6 +102,7 @@ from .generation import GenerationOptions, as_generation_options
 from .inject import adapter_layers, inject_adapters
 from .memory import available_memory, estimate_memory
 from .offload import offload_activations
+from .quantize import check_mode, describe, ignore_4bit_in_ddp, kept_4bit, nf4_available, quantize_model
 from .state import adapter_state_dict
 from .tasks import ClassificationTask, get_task
 
@@ -212,6 +213,12 @@ class LoRAModule(LightningModule):
         checks: catch runs that silently learn nothing: ``GradientFlowCheck`` (a trainable tensor without a
             non-zero gradient in the first steps is an error) and ``SupervisionCheck`` (batches whose labels are
             all -100 are counted and warned, an epoch of them is an error). Added unless the Trainer has them.
+        quantize: QLoRA: "nf4" stores every frozen linear of the backbone in 4 bits (torchao NF4, block 64,
+            double-quantised scales; the adapters' bases included; ``lora_lightning.quantize``), "bnb-nf4" the
+            same with bitsandbytes (CUDA), "none" (default) keeps them in ``dtype``. A pretrained causal LM is
+            streamed in tensor by tensor and quantised as it arrives (never held in 16 bits); other backbones are
+            built, then quantised after the adapters are injected. The adapters stay float32.
+        quantize_lm_head: quantise the lm_head too (it stays in ``dtype`` by default, as do embeddings/norms).
     """
 
     def __init__(
@@ -239,6 +246,8 @@ class LoRAModule(LightningModule):
         compile: bool = False,
         nonfinite: str = "stop",
         checks: bool = True,
+        quantize: str = "none",
+        quantize_lm_head: bool = False,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
@@ -254,6 +263,9 @@ class LoRAModule(LightningModule):
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if warmup < 0:
             raise ValueError(f"warmup must be ≥ 0 (a fraction < 1 or a number of steps), got {warmup}")
+        check_mode(quantize)  # a typo, or bnb-nf4 without CUDA / bitsandbytes: one error naming the fix
+        if quantize == "nf4":
+            nf4_available()
         self.adapter_config = _as_adapter_config(adapter)
         self.base_dtype = parse_dtype(dtype)
         self.generation = as_generation_options(generation)
@@ -289,17 +301,20 @@ class LoRAModule(LightningModule):
             torch.manual_seed(self.init_seed)
             model = build_backbone(
                 self._backbone_spec, h.num_classes, h.pretrained, self.task.model_class,
-                self.task.model_kwargs(h.num_classes), self.base_dtype,
+                self.task.model_kwargs(h.num_classes), self.base_dtype, h.quantize, h.quantize_lm_head,
             )
             config = self.adapter_config
             if config.modules_to_save is None:
                 config = dataclasses.replace(config, modules_to_save=self.task.default_modules_to_save(model))
             low_precision = self.base_dtype in (torch.bfloat16, torch.float16)
             if self.base_dtype is not None:
-                model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
+                with kept_4bit(model, lambda t: t):  # a streamed 4-bit load is in base_dtype already
+                    model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
             if low_precision and config.dtype is None:
                 config = dataclasses.replace(config, dtype="float32")
             report = inject_adapters(model, config, verbose=False)
+            if h.quantize != "none":  # after injection: the adapters' frozen bases are quantised too
+                quantize_model(model, h.quantize, h.quantize_lm_head)
         if low_precision:
             for name in report.modules_to_save:
                 _run_in_float32(model.get_submodule(name))
@@ -308,6 +323,8 @@ class LoRAModule(LightningModule):
         model.train()  # transformers returns models in eval mode; Lightning keeps each module's mode
         if self.global_rank == 0:
             print(report)
+            if h.quantize != "none":
+                print(describe(model, h.quantize))
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
         if self.hparams.get("compile", False):
@@ -346,6 +363,14 @@ class LoRAModule(LightningModule):
         if checkpoint.get("label_names") is not None:
             self.label_names = list(checkpoint["label_names"])
             self._name_classes()
+        if h.quantize != "none":
+            ignore_4bit_in_ddp(self)  # every rank builds the same 4-bit weights; DDP's broadcast would garble them
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Module casts and moves leave 4-bit weights 4-bit (``quantize.kept_4bit``): Lightning's "bf16-true"
+        ``convert_module`` or a ``.to(dtype)`` would otherwise dequantise them."""
+        with kept_4bit(self, fn):
+            return super()._apply(fn, recurse)
 
     def forward(self, batch: Any) -> Any:
         """The task's predictions for ``batch`` (class ids, values, generated tokens)."""

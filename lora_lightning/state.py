@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .atomic import complete_directory, write_directory
 from .config import AdapterConfig
 from .inject import adapter_layers, inject_adapters, injected_config
+from .quantize import quantization_record
 
 from torch.distributed.tensor import DTensor, distribute_tensor  # sharded (FSDP2) parameters
 
@@ -114,13 +115,19 @@ def check_finite(tensors: dict[str, Tensor], path: Union[str, Path]) -> None:
 
 
 def adapter_files(
-    tensors: dict[str, Tensor], config: AdapterConfig, labels: Optional[Sequence[str]] = None
+    tensors: dict[str, Tensor],
+    config: AdapterConfig,
+    labels: Optional[Sequence[str]] = None,
+    base_quantization: Optional[dict] = None,
 ) -> dict[str, bytes]:
     """The two files of an adapter directory, encoded: weights (safetensors) and config (JSON, with the class
-    names by id when ``labels`` are given)."""
+    names by id when ``labels`` are given, and how the base was quantised for a QLoRA adapter — informational:
+    the adapter loads on a dense base as well)."""
     meta = {"format": FORMAT, "adapter": config.to_dict()}
     if labels is not None:
         meta["labels"] = [str(name) for name in labels]
+    if base_quantization is not None:
+        meta["base_quantization"] = base_quantization
     return {
         WEIGHTS_NAME: save(tensors, metadata={"format": FORMAT}),
         CONFIG_NAME: json.dumps(meta, indent=2, sort_keys=True).encode(),
@@ -149,7 +156,7 @@ def encoded_adapter(
     tensors = gathered_adapter_tensors(model)
     if not allow_nonfinite:
         check_finite(tensors, path)
-    return adapter_files(tensors, injected_config(model), labels)
+    return adapter_files(tensors, injected_config(model), labels, quantization_record(model))
 
 
 def save_adapter(

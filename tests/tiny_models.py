@@ -37,6 +37,20 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(config).eval()
 
 
+def quantizable_llama(seed: int = 0, vocab: int = 96, hidden: int = 128, inter: int = 256, layers: int = 2, tie: bool = False):
+    """A tiny bf16 Llama for the QLoRA tests: every projection NF4-storable (q/o/gate/up/down whole groups of 64·256
+    weights, k/v 128 blocks), gate/up/down splittable over 2 FSDP2 ranks, the lm_head (kept dense) 96×128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
 class TinyConvNet(nn.Module):
     """Two Conv2d layers (one strided, padded) and a linear head: x (N×3×12×12) → N×4."""
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantize import dense_weight, dequantize
 from .functional import NORMS, ALLoRAConv2dFunction, LoRAFunction, allora_coefficients, apply_mask, dropout_mask
 
 try:
@@ -207,22 +208,25 @@ class AdapterLayer(nn.Module):
         return self.to_base_layout(self.delta_matrix())
 
     @torch.no_grad()
-    def merged_weight(self) -> Tensor:
-        """The merged weight W0 + ΔW in the base layout and dtype, computed without touching the layer (what
-        ``merge`` would write; the base weight itself when already merged)."""
-        w = self.base.weight
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The merged weight W0 + ΔW in the base layout, computed without touching the layer (what ``merge``
+        would write; the base weight itself when already merged), in ``dtype`` (None: the base's compute dtype).
+        A 4-bit W0 is dequantised first, straight to ``dtype``, and ΔW added there."""
+        w = dequantize(self.base.weight, dtype)
         return w.detach().clone() if self.merged else w + self.delta_weight().to(w.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """W0 ← W0 + ΔW; forward then runs the base layer alone. Idempotent."""
         if not self.merged:
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            weight = dense_weight(self.base)  # a 4-bit W0 is dequantised first: ΔW would round away
+            weight.add_(self.delta_weight().to(weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 ← W0 − ΔW (the inverse of ``merge``). Idempotent."""
+        """W0 ← W0 − ΔW (the inverse of ``merge``). Idempotent. A W0 that was 4-bit stays dense (the dequantised
+        W0 up to float rounding): re-quantising is ``quantize_model``'s job, never a side effect."""
         if self.merged:
             self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = False

@@ -28,6 +28,10 @@ unmerge or ``.to()`` refreshes it, and ``merge``/``unmerge``/loads also clear it
 r×r. The base matmul runs once per forward. (For a half-precision W0 the product W0·Aᵀ is taken in W0's dtype;
 the dense norm of ``weight_norm(w0)``, used by merge, casts.)
 
+QDoRA (a 4-bit W0, ``lora_lightning.quantize``): ‖W0_i‖² comes from the dequantised W0 (what the layer
+computes with), cached under the key of the 4-bit codes; W0·Aᵀ and the base matmul dequantise per call (a
+one-layer temporary, as the fused LoRA path does); merging dequantises W0 first (``dense_weight``).
+
 Merge: W0 ← (m/n) ⊙ (W0 + s·B·A) with n from the unmerged W0. Unmerge inverts it from the stored n:
 W0 = W·(n/m) − s·B·A; the rows where m_i = 0 (which merge zeroes) are kept aside and put back, so the
 round trip is exact up to float rounding for every row. ``delta_weight()`` is merged − W0 (not s·B·A);
@@ -40,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quantize import compute_dtype, dense_weight, dequantize, is_quantized, linear_4bit, storage_key
 from .lora import LoRALayer
 
 
@@ -70,10 +75,10 @@ class DoRALayer(LoRALayer):
         if torch.compiler.is_compiling():  # no storage/version keys in a graph: the cache as it is, else compute
             if self._w0_sq is not None and self._w0_sq[1].dtype == dtype:
                 return self._w0_sq[1]
-            return torch.linalg.vector_norm(w, dim=dim, dtype=dtype).square()
-        key = (w.data_ptr(), w._version, w.device, w.dtype, dtype)
+            return torch.linalg.vector_norm(dequantize(w), dim=dim, dtype=dtype).square()
+        key = (*storage_key(w), dtype)
         if self._w0_sq is None or self._w0_sq[0] != key:
-            self._w0_sq = (key, torch.linalg.vector_norm(w, dim=dim, dtype=dtype).square())
+            self._w0_sq = (key, torch.linalg.vector_norm(dequantize(w), dim=dim, dtype=dtype).square())
         return self._w0_sq[1]
 
     @torch.no_grad()
@@ -101,9 +106,10 @@ class DoRALayer(LoRALayer):
     @torch.no_grad()
     def _factored_norm(self) -> Tensor:
         w = self.base.weight
-        dtype = torch.promote_types(w.dtype, torch.float32)
+        dtype = torch.promote_types(compute_dtype(w), torch.float32)
         with torch.autocast(w.device.type, enabled=False):
             a, b = self.lora_A.to(dtype), self.lora_B.to(dtype)
+            w = dequantize(w)  # QDoRA: a 4-bit W0 as a temporary, like the base matmul's own
             a_w = a.to(w.dtype)
             if self.kind == "conv1d":  # W0 = weightᵀ: W0·Aᵀ = (A·weight)ᵀ
                 w0_at = (a_w @ w).T
@@ -116,7 +122,7 @@ class DoRALayer(LoRALayer):
     def _base_no_bias(self, x: Tensor) -> Tensor:
         w0 = self.base.weight
         if self.kind == "linear":
-            return F.linear(x, w0)
+            return linear_4bit(x, w0) if is_quantized(w0) else F.linear(x, w0)
         if self.kind == "conv1d":
             return x @ w0
         return self.base._conv_forward(x, w0, None)
@@ -145,7 +151,7 @@ class DoRALayer(LoRALayer):
     @torch.no_grad()
     def _unmerged_w0(self) -> Tensor:
         """W0 as out×in; when merged, reconstructed as W·(n/m) − s·B·A plus the rows kept aside."""
-        w = self._matrix(self.base.weight)
+        w = self._matrix(dequantize(self.base.weight))
         if not self.merged:
             return w
         norm, rows, kept = self._merge_state
@@ -160,18 +166,19 @@ class DoRALayer(LoRALayer):
         return self._merged_matrix(w0) - w0
 
     @torch.no_grad()
-    def merged_weight(self) -> Tensor:
-        """(m/n) ⊙ (W0 + s·B·A) in the base layout, computed without touching the layer."""
+    def merged_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """(m/n) ⊙ (W0 + s·B·A) in the base layout, computed without touching the layer, in ``dtype`` (None: the
+        base's compute dtype; a 4-bit W0 is dequantised straight to it)."""
         if self.merged:
-            return self.base.weight.detach().clone()
-        return self.to_base_layout(self._merged_matrix(self._matrix(self.base.weight)))
+            return dequantize(self.base.weight, dtype).detach().clone()
+        return self.to_base_layout(self._merged_matrix(self._matrix(dequantize(self.base.weight, dtype))))
 
     @torch.no_grad()
     def merge(self) -> None:
         """W0 ← (m/n) ⊙ (W0 + s·B·A); stores n and the rows with m = 0 so ``unmerge`` is exact. Idempotent."""
         if self.merged:
             return
-        w0 = self._matrix(self.base.weight)
+        w0 = self._matrix(dense_weight(self.base))  # QDoRA: a 4-bit W0 is dequantised before merging
         rows = (self.magnitude == 0).nonzero().flatten()
         self._merge_state = (self.weight_norm(w0), rows, w0[rows].clone())
         self.base.weight.copy_(self.to_base_layout(self._merged_matrix(w0)))

@@ -25,6 +25,10 @@ current forward, as in the listing, computed from the k×k Gram D·Dᵀ: ‖(UD)
 matrix). The listing has s = 1 (ALLoRA is scale-free); with s ≠ 1 we take the rows of s·U·D [ours].
 ``norm="squared"`` (c_i = 1/√(‖·‖² + 1/η²)) is an ablation [ours], not the paper's rule.
 
+QLoRA: a 4-bit W0 (``lora_lightning.quantize``) is dequantised to the compute dtype inside forward and again
+inside backward, a per-call temporary of one layer (as torchao's ``linear_nf4`` and bitsandbytes do); only the
+4-bit tensor is referenced by the saved state, so ∂L/∂x = g·deq(W0) + … flows through the 4-bit matmul.
+
 Mixed precision: under autocast the matmuls run in the autocast dtype (as ``F.linear`` would), in backward
 too (the casts of x and W0 are redone there, transient, instead of keeping cast copies alive).
 """
@@ -35,6 +39,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..quantize import dequantize, is_quantized
 
 NORMS = ("norm", "squared")
 
@@ -70,9 +76,13 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
-def _base_matrix(weight: Tensor, layout: str) -> Tensor:
-    """W0 as out×in (a view): ``nn.Linear`` stores out×in, transformers' ``Conv1D`` in×out."""
-    return weight.T if layout == "conv1d" else weight
+def _base_matrix(weight: Tensor, layout: str, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """W0 as out×in in ``dtype`` (None: as stored): ``nn.Linear`` stores out×in, transformers' ``Conv1D`` in×out.
+    A 4-bit W0 (QLoRA) is dequantised here, per call, into a temporary that the caller drops after its matmul."""
+    if is_quantized(weight):
+        return dequantize(weight, dtype)
+    w = weight.T if layout == "conv1d" else weight
+    return w if dtype is None else w.to(dtype)
 
 
 def _lowrank_forward(x2, weight, bias, down, up, mask2, scaling: float, p: float, layout: str, dtype):
@@ -86,9 +96,9 @@ def _lowrank_forward(x2, weight, bias, down, up, mask2, scaling: float, p: float
     up_t = up.to(adapter_dtype).T
     if weight is None:
         return h @ up_t
-    w = _base_matrix(weight, layout)
-    if dtype is not None:
-        w, bias = w.to(dtype), None if bias is None else bias.to(dtype)
+    w = _base_matrix(weight, layout, dtype)
+    if dtype is not None and bias is not None:
+        bias = bias.to(dtype)
     xb = x2 if dtype is None else x2.to(dtype)
     out = xb @ w.T if bias is None else torch.addmm(bias, xb, w.T)
     del xb, w
@@ -112,9 +122,7 @@ def _lowrank_backward(g2, x2, weight, down, up, mask2, coef, scaling: float, p: 
         if weight is None:
             dx = low
         else:
-            w = _base_matrix(weight, layout)
-            if dtype is not None:
-                w = w.to(dtype)
+            w = _base_matrix(weight, layout, dtype)
             dx = g2.to(w.dtype) @ w
             dx += low.to(dx.dtype)
         del low

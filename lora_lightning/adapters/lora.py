@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ..quantize import is_quantized
 from .base import AdapterLayer
 
 SCALING_RULES = ("lora", "rslora", "lora_alpha", "none")
@@ -47,8 +48,8 @@ class LoRALayer(AdapterLayer):
     ``init`` sets A: "kaiming" (kaiming-uniform with a=√5, PEFT's default) or "gaussian" (N(0, 1/r²),
     PEFT's "gaussian"). ``init_b_std`` > 0 draws B ~ N(0, init_b_std²) instead of zeros (for the
     loss-landscape experiments; the model then no longer starts at the base). ``dtype``: the factors' dtype
-    (None = the base weight's; e.g. float32 factors over a bf16 base). ``fused``, ``allora_eta`` and
-    ``allora_norm``: see ``AdapterLayer``.
+    (None = the base weight's, float32 over a 4-bit base; e.g. float32 factors over a bf16 base). ``fused``,
+    ``allora_eta`` and ``allora_norm``: see ``AdapterLayer``.
     """
 
     def __init__(
@@ -66,7 +67,9 @@ class LoRALayer(AdapterLayer):
     ) -> None:
         super().__init__(base, scaling, dropout, fused=fused, allora_eta=allora_eta, allora_norm=allora_norm)
         self.r = r
-        factory = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        if dtype is None:  # QLoRA: fp32 factors over a 4-bit base; otherwise the base weight's dtype
+            dtype = torch.float32 if is_quantized(base.weight) else base.weight.dtype
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.init = init
