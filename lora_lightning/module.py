@@ -330,6 +330,8 @@ class LoRAModule(LightningModule):
         if self.hparams.get("compile", False):
             model.compile()
         self.model = model
+        if h.quantize != "none":
+            ignore_4bit_in_ddp(self)  # every rank builds the same 4-bit weights; DDP's broadcast would garble them
         self._name_classes()
 
     # -- class names ------------------------------------------------------------------------------
@@ -363,8 +365,6 @@ class LoRAModule(LightningModule):
         if checkpoint.get("label_names") is not None:
             self.label_names = list(checkpoint["label_names"])
             self._name_classes()
-        if h.quantize != "none":
-            ignore_4bit_in_ddp(self)  # every rank builds the same 4-bit weights; DDP's broadcast would garble them
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Module casts and moves leave 4-bit weights 4-bit (``quantize.kept_4bit``): Lightning's "bf16-true"
