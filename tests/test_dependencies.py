@@ -5,7 +5,9 @@ import runs when the function does: `lora-lightning compare` crashed on matplotl
 except those guarded by ``try: ... except ImportError`` (optional extras) or ``if TYPE_CHECKING:``. Each import's
 top-level name is mapped to its distribution (``importlib.metadata.packages_distributions()``, e.g. sklearn →
 scikit-learn) and must be named in pyproject's [project].dependencies itself: a dependency of a dependency does
-not count, since its owner may drop it.
+not count, since its owner may drop it. An import inside a function that serves an optional feature (QLoRA's
+bitsandbytes path, Liger's fused loss on CUDA) may instead be covered by an extra in
+[project.optional-dependencies]; a module-level import never.
 """
 
 from __future__ import annotations
@@ -31,9 +33,26 @@ def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
 
 
+def _names(requirements) -> set[str]:
+    return {normalize(re.match(r"[A-Za-z0-9._-]+", req).group()) for req in requirements}
+
+
 def declared() -> set[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    return {normalize(re.match(r"[A-Za-z0-9._-]+", req).group()) for req in project["dependencies"]}
+    return _names(project["dependencies"])
+
+
+def declared_extras() -> set[str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return _names(r for reqs in project.get("optional-dependencies", {}).values() for r in reqs)
+
+
+def _in_function(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return True
+    return False
 
 
 def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
@@ -51,9 +70,11 @@ def _guarded(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
-def third_party_imports() -> dict[str, set[str]]:
-    """{top-level import name: {files importing it}} over lora_lightning/, unguarded imports only."""
+def third_party_imports(lazy: dict[str, set[str]] | None = None) -> dict[str, set[str]]:
+    """{top-level import name: {files importing it}} over lora_lightning/, unguarded imports only; ``lazy``
+    collects the names imported only inside functions."""
     found: dict[str, set[str]] = {}
+    module_level: set[str] = set()
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text(), filename=str(path))
         parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -69,18 +90,23 @@ def third_party_imports() -> dict[str, set[str]]:
                 if top in sys.stdlib_module_names or top == "lora_lightning" or _guarded(node, parents):
                     continue
                 found.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+                if not _in_function(node, parents):
+                    module_level.add(top)
+    if lazy is not None:
+        lazy.update({name: files for name, files in found.items() if name not in module_level})
     return found
 
 
 def test_every_import_of_the_package_is_a_declared_dependency():
-    deps = declared()
+    deps, extras = declared(), declared_extras()
     dists = packages_distributions()
-    imports = third_party_imports()
+    lazy: dict[str, set[str]] = {}
+    imports = third_party_imports(lazy)
     assert {"torch", "lightning", "transformers", "matplotlib"} <= set(imports)  # the scan sees real imports
     undeclared = {}
     for name, files in sorted(imports.items()):
         candidates = {normalize(d) for d in dists.get(name, [])} or {normalize(KNOWN.get(name, name))}
-        if not candidates & deps:
+        if not candidates & deps and not (name in lazy and candidates & extras):
             undeclared[name] = (sorted(candidates), sorted(files))
     assert not undeclared, (
         "imported by lora_lightning/ but not in pyproject.toml [project].dependencies "
