@@ -213,7 +213,7 @@ def test_causal_lm_fit_then_predict_subprocess(tmp_path, tiny_llama_dir, sft_fil
     fit = subprocess.run([sys.executable, "-m", "lora_lightning.cli", "fit", "--config", config],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
     assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-3000:]
-    assert "lora_lightning: lora (s=4) on 14 layers; trained in full: none" in fit.stdout
+    assert "lora_lightning: lora (s=4) on 14 layers; 2 gated MLPs fused; trained in full: none" in fit.stdout
     assert "final validation (step 4): val_loss=" in fit.stdout and "val_exact_match=" in fit.stdout
     (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
     state = torch.load(ckpt, weights_only=True)["state_dict"]
