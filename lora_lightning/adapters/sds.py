@@ -86,6 +86,12 @@ def _fro_norm_of_product(up: Tensor, down: Tensor) -> Tensor:
     return ((up.T @ up) * (down @ down.T)).sum().clamp_min(0).sqrt()
 
 
+def _reread_active_flag(module: "SDSLayer", incompatible_keys) -> None:
+    """Load-state-dict post hook: re-read the loaded ``sds_active`` flag (torch requires such hooks to return
+    None; returning the flag made every load of an SDS checkpoint fail)."""
+    module.active  # noqa: B018 - the property refreshes the cached flag
+
+
 class SDSLayer(LoRALayer):
     """SDS-LoRA around a frozen Linear / Conv1D / Conv2d (see module docstring). Takes LoRALayer's
     arguments; adds the persistent buffers ``Q_A`` (in×r), ``Q_B`` (out×r) and ``sds_active`` (bool)."""
@@ -98,7 +104,7 @@ class SDSLayer(LoRALayer):
         self.register_buffer("sds_active", torch.zeros((), dtype=torch.bool, device=self.lora_A.device))
         self._active_key: tuple[int, int] | None = None
         self._active_value = False
-        self.register_load_state_dict_post_hook(lambda module, keys: module.active)  # re-read the loaded flag
+        self.register_load_state_dict_post_hook(_reread_active_flag)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
