@@ -9,6 +9,8 @@ left alone.
         The logger is the same either way; the run's last line says where its files are.
     Lightning's own call ``isinstance(treespec, LeafSpec)`` (lightning/pytorch/utilities/_pytree.py) raises
         torch's FutureWarning on torch ≥ 2.10: Lightning's code, not ours, and nothing a user can change.
+    torchdata's ``StatefulDataLoader`` (our training loader, for exact resume) calls the deprecated
+        ``torch.set_vital`` and warns about its own call: torchdata's code, nothing a user can change.
 
 The model summary table is off by default in the CLI (``trainer.enable_model_summary``, cli.py): its FLOPs column
 is all zeros without an ``example_input_array``, and the injection report already lists what is adapted and the
@@ -42,6 +44,10 @@ def quiet_console() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    warnings.filterwarnings(
+        "ignore", message=r"'set_vital' is deprecated", category=UserWarning,
+        module=r"torchdata\.stateful_dataloader\.stateful_dataloader",
     )
 
 
