@@ -9,6 +9,9 @@ left alone.
         The logger is the same either way; the run's last line says where its files are.
     Lightning's own call ``isinstance(treespec, LeafSpec)`` (lightning/pytorch/utilities/_pytree.py) raises
         torch's FutureWarning on torch ≥ 2.10: Lightning's code, not ours, and nothing a user can change.
+    torchao (installed for QLoRA; transformers imports it when present) registers Enum types with torch's pytree,
+        which torch ≥ 2.14 logs as deprecated on ``torch.utils._pytree``'s logger: torchao's code, nothing a user
+        can change; those records (and only those) are dropped.
     torchdata's ``StatefulDataLoader`` (our training loader, for exact resume) calls the deprecated
         ``torch.set_vital`` and warns about its own call: torchdata's code, nothing a user can change.
 
@@ -31,12 +34,20 @@ class _DropTips(logging.Filter):
         return not str(record.msg).startswith(TIP_PREFIX)
 
 
+class _DropEnumRegistration(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Calling register_constant() on Enum subclasses is deprecated" not in record.getMessage()
+
+
 def quiet_console() -> None:
     """Install the filters in the module docstring (idempotent)."""
     for name in LIGHTNING_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropTips) for f in logger.filters):
             logger.addFilter(_DropTips())
+    pytree = logging.getLogger("torch.utils._pytree")
+    if not any(isinstance(f, _DropEnumRegistration) for f in pytree.filters):
+        pytree.addFilter(_DropEnumRegistration())
     warnings.filterwarnings(
         "ignore", message=r"Starting from v1\.9\.0, `tensorboardX` has been removed",
         module=r"lightning\.pytorch\.trainer\.connectors\.logger_connector",
