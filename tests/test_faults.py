@@ -233,11 +233,11 @@ def test_save_adapter_verify_reads_back_and_compares_probe_outputs(tmp_path, mon
 
     real = state.adapter_files
 
-    def corrupting(tensors, config, labels=None):  # a writer bug: the file gets other values than the model
+    def corrupting(tensors, config, *args):  # a writer bug: the file gets other values than the model
         tensors = dict(tensors)
         key = next(k for k in tensors if k.endswith("lora_B"))
         tensors[key] = tensors[key] + 1
-        return real(tensors, config, labels)
+        return real(tensors, config, *args)
 
     monkeypatch.setattr(state, "adapter_files", corrupting)
     with pytest.raises(ValueError, match=r"verify: tensor .*lora_B read back from .*differs"):

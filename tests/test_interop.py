@@ -11,7 +11,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import randomize_adapters, tiny_bert, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import randomize_adapters, tiny_bert, tiny_convnet, tiny_gpt2, token_batch
+from tiny_models import tiny_llama_v100 as tiny_llama
 
 from lora_lightning import (
     ADAPTER_METHODS,

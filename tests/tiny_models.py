@@ -26,7 +26,8 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama_v100(seed: int = 0):
+    """A 2-layer, 32-wide Llama over a 100-token vocabulary (the interop tests' token batches)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
