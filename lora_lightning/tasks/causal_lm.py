@@ -112,7 +112,9 @@ class CausalLM(Task):
 
     def __init__(self, loss_chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, loss_backend: str = "auto") -> None:
         if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
-            raise ValueError(f"loss_chunk_size must be a number of tokens ≥ 0 (0 = full logits), got {loss_chunk_size!r}")
+            raise ValueError(
+                f"loss_chunk_size must be a number of tokens ≥ 0 (0 = full logits), got {loss_chunk_size!r}"
+            )
         if loss_backend not in BACKENDS:
             raise ValueError(f"loss_backend={loss_backend!r}; choose one of {', '.join(BACKENDS)}")
         self.loss_chunk_size = loss_chunk_size or 0
