@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-MIN_METRICS = re.compile(r".*(loss|mse|mae|err|perplexity).*")
+MIN_METRICS = re.compile(r".*(loss|mse|mae|err|perplexity|ppl).*")
 AXES = ("r", "alpha", "C", "lr")
 FORMAT_VERSION = 1
 

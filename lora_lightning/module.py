@@ -137,7 +137,11 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             "checkpointing; set it to false (in your own module, wrap blocks in torch.utils.checkpoint.checkpoint "
             "with use_reentrant=False)"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers ≥ 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(getattr(model, "config", None), "use_cache"):
         model.config.use_cache = False
 
@@ -223,8 +227,8 @@ class LoRAModule(LightningModule):
         self.save_hyperparameters(ignore=ignore)
         self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)  # plain types: weights_only loads
         self.hparams["generation"] = dataclasses.asdict(self.generation)
-        self._step_targets: Optional[Tensor] = None  # target count of the optimizer step so far (this device)
         self.hparams["init_seed"] = self.init_seed
+        self._step_targets: Optional[Tensor] = None  # target count of the optimizer step so far (this device)
 
         self.val_metrics = self.task.metrics(num_classes, prefix="val_")
         self.test_metrics = self.task.metrics(num_classes, prefix="test_")
@@ -244,12 +248,13 @@ class LoRAModule(LightningModule):
             config = self.adapter_config
             if config.modules_to_save is None:
                 config = dataclasses.replace(config, modules_to_save=self.task.default_modules_to_save(model))
+            low_precision = self.base_dtype in (torch.bfloat16, torch.float16)
             if self.base_dtype is not None:
                 model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
-                if config.dtype is None:
-                    config = dataclasses.replace(config, dtype="float32")
+            if low_precision and config.dtype is None:
+                config = dataclasses.replace(config, dtype="float32")
             report = inject_adapters(model, config, verbose=False)
-        if self.base_dtype is not None:
+        if low_precision:
             for name in report.modules_to_save:
                 _run_in_float32(model.get_submodule(name))
         if h.gradient_checkpointing:

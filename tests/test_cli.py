@@ -118,3 +118,87 @@ def test_unknown_method_is_one_clear_error(tmp_path, tiny_bert_dir, sst_files, c
         main(["fit", "--config", config, "--model.adapter.method", "rslroa"])
     assert exit_info.value.code != 0
     assert "did you mean 'rslora'" in capsys.readouterr().err
+
+
+# -- causal LM: fit and predict through the CLI on a tiny Llama ------------------------------------------------
+def _sft_config(tmp_path, tiny_llama_dir, sft_files) -> str:
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "max_steps": 4, "val_check_interval": 2, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path / "run"),
+            "callbacks": [
+                {"class_path": "lora_lightning.callbacks.AdapterCheckpoint",
+                 "init_args": {"dirpath": str(tmp_path / "adapters")}},
+                {"class_path": "lora_lightning.callbacks.GenerationSamples",
+                 "init_args": {"num_samples": 1, "exact_match": True}},
+            ],
+        },
+        "model": {"backbone": tiny_llama_dir, "lr": 0.05, "adapter": {"r": 4}, "generation": {"max_new_tokens": 3}},
+        "data": {
+            "class_path": "lora_lightning.data.CausalLMDataModule",
+            "init_args": {"train_file": sft_files["train"], "val_file": sft_files["val"],
+                          "predict_file": sft_files["prompts"], "prompt_template": "question {instruction} answer",
+                          "max_length": 32, "batch_size": 4},
+        },
+    }
+    path = tmp_path / "sft.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def test_causal_lm_fit_then_predict_subprocess(tmp_path, tiny_llama_dir, sft_files):
+    import json
+
+    from lora_lightning import LoRAModule
+    from lora_lightning.data import CausalLMDataModule
+    from lora_lightning.generation import generate_tokens, pad_left, strip_after_eos
+
+    config = _sft_config(tmp_path, tiny_llama_dir, sft_files)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    fit = subprocess.run([sys.executable, "-m", "lora_lightning.cli", "fit", "--config", config],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
+    assert fit.returncode == 0, fit.stdout[-3000:] + fit.stderr[-3000:]
+    assert "lora_lightning: lora (s=4) on 14 layers; trained in full: none" in fit.stdout
+    assert "final validation (step 4): val_loss=" in fit.stdout and "val_exact_match=" in fit.stdout
+    (ckpt,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert len(state) == 28 and all(".lora_" in k for k in state)  # 14 layers × (A, B): no lm_head, no embeddings
+    assert set(state) == {f"model.{k}" for k in load_file(tmp_path / "adapters" / "last" / "adapter_model.safetensors")}
+
+    predict = subprocess.run(
+        [sys.executable, "-m", "lora_lightning.cli", "predict", "--config", config, "--ckpt_path", str(ckpt)],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240,
+    )
+    assert predict.returncode == 0, predict.stdout[-3000:] + predict.stderr[-3000:]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    prompts = [json.loads(x) for x in open(sft_files["prompts"])]
+    assert [x["instruction"] for x in lines] == [p["instruction"] for p in prompts]  # every prompt, in order
+    # the completions are the trained model's greedy ones (recomputed here from the checkpoint)
+    module = LoRAModule.load_from_checkpoint(ckpt)
+    module.model.eval()
+    dm = CausalLMDataModule(backbone=tiny_llama_dir, predict_file=sft_files["prompts"],
+                            prompt_template="question {instruction} answer", max_length=32)
+    dm.setup("predict")
+    batch = pad_left(list(dm.predict_set), dm.tokenizer.pad_token_id)
+    tokens = generate_tokens(module.model, batch["input_ids"], batch["attention_mask"], module.generation)
+    assert tokens.shape[1] <= 3
+    want = [dm.decode(strip_after_eos(t, dm.tokenizer.eos_token_id)) for t in tokens.tolist()]
+    assert [x["completion"] for x in lines] == want
+
+
+@pytest.mark.parametrize("sft", ["sft_qwen_alpaca", "sft_smollm2_chat", "sft_offline"])
+def test_sft_configs_parse_and_take_a_strategy_fragment(capsys, sft):
+    args = ["fit", "--config", os.path.join(ROOT, "configs", f"{sft}.yaml"),
+            "--config", os.path.join(ROOT, "configs", "fsdp.yaml")]
+    printed = _print_config(capsys, args)
+    assert printed["data"]["class_path"] == "lora_lightning.data.CausalLMDataModule"
+    assert printed["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert printed["model"]["adapter"]["modules_to_save"] is None  # the task's default: nothing in full
+    callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
+    assert {"ModelCheckpoint", "AdapterCheckpoint", "GenerationSamples"} <= set(callbacks)
+    saver = next(c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert saver["init_args"]["save_last"] is True and saver["init_args"]["every_n_train_steps"] > 0
+    if sft != "sft_offline":  # the GPU configs: bf16 base, fp32 adapters, r=16 on all linear layers
+        assert printed["model"]["dtype"] == "bf16" and printed["trainer"]["precision"] == "bf16-mixed"
+        assert printed["model"]["adapter"]["r"] == 16 and printed["model"]["adapter"]["target_modules"] == "all-linear"

@@ -20,7 +20,8 @@ How the logits are formed (``loss_chunk_size``):
                        the model's own logits are exactly lm_head(hidden) (one position); a model that
                        post-processes its logits (Gemma's soft-capping, Cohere's logit scale, …) or whose
                        lm_head is not a plain ``nn.Linear`` falls back, with a warning, to:
-    0 / None           the model's own forward: full B×T×V logits, the target rows gathered and upcast.
+    0 / None           the model's own forward: full B×T×V logits, the target rows gathered and upcast to (at least)
+                       float32.
 
 Metrics (torchmetrics, summed over the whole split and across devices, then divided):
     val_loss       mean ℓ over target tokens (logged by LoRAModule, weighted by n_targets)
@@ -160,7 +161,8 @@ class CausalLM(Task):
         logits = out if isinstance(out, Tensor) else out.logits
         labels = batch["labels"][:, 1:]
         targets = labels != IGNORE_INDEX
-        z = logits[:, :-1][targets].float()  # (n_targets, vocab): only the positions that are scored
+        z = logits[:, :-1][targets]  # (n_targets, vocab): only the positions that are scored
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
         y = labels[targets]
         loss_sum = F.cross_entropy(z, y, reduction="sum")
         n = targets.sum()
