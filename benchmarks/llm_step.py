@@ -102,6 +102,10 @@ def build(cfg: dict):
                                 target_modules="all-linear", exclude_modules=["lm_head"], modules_to_save=[])
         inject_adapters(model, adapter, verbose=False)
         callbacks = [cls() for cls in METHOD_CALLBACKS.get(cfg["method"], [])]
+        if cfg["method"] == "sds":  # re-balance after the warm-up step, so the timed step runs SDS, not LoRA
+            from lora_lightning.callbacks import SDSReorthonormalization
+
+            callbacks = [SDSReorthonormalization(warmup_steps=1)]
     if cfg["ckpt"]:
         from lora_lightning.module import enable_gradient_checkpointing  # what model.gradient_checkpointing runs
 
@@ -217,7 +221,8 @@ def print_table(rows: list[dict]) -> str:
         rh = f"{r['held'] / ref['held']:.2f}×" if ref else "–"
         rc = f"{r['held'] / ckpt['held']:.2f}×" if ckpt else "–"
         est = f"{r['estimate'] / 2**20:,.0f} ({r['estimate'] / r['held']:.2f}×)" if r.get("estimate") else "–"
-        lines.append(f"| {r['name']} | {r['step']:.2f} | {r['cpu']:.2f} | {r['tok_s']:.0f} | {r['held'] / 2**20:,.0f} | {est} | "
+        lines.append(f"| {r['name']} | {r['step']:.2f} | {r['cpu']:.2f} | {r['tok_s']:.0f} | "
+                     f"{r['held'] / 2**20:,.0f} | {est} | "
                      f"{r['peak'] / 2**20:,.0f} | {rs} | {rh} | {rc} | {r['n']} |")
     text = "\n".join(lines)
     print(text)

@@ -19,7 +19,7 @@ a recomputing backward would keep instead) and, only when the lm_head is trained
 gradient W gets anyway). It costs one n×V×H matmul less than recomputing the logits in backward.
 
 Precision follows HF: logits are computed in the hidden states' dtype (bf16 stays bf16, as HF's lm_head)
-and upcast to fp32 for the softmax; ∂/∂W and ∂/∂b accumulate in fp32.
+and upcast to at least fp32 for the softmax (fp64 stays fp64); ∂/∂W and ∂/∂b accumulate in that dtype.
 
 On CUDA, when ``liger-kernel`` is installed (extra ``liger``), ``backend="auto"`` uses its fused linear
 cross-entropy (Triton) on the same selected rows instead. Pure torch; no Lightning.
@@ -52,14 +52,15 @@ def _chunked_loss_and_grads(
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """(loss_sum, n_correct, and the gradients asked for), one chunk of logits at a time (see module
     docstring); n_correct counts the rows whose argmax is the target."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 → fp32; fp64 stays fp64
     grad_h = torch.empty_like(hidden) if need_h else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-    grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+    loss = torch.zeros((), dtype=acc, device=hidden.device)
     correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk_size):
         h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        logits = F.linear(h, weight, bias).float()  # C×V, the only vocabulary-sized buffer
+        logits = F.linear(h, weight, bias).to(acc)  # C×V, the only vocabulary-sized buffer
         target_logit = logits.gather(1, y[:, None])
         correct += (logits.argmax(1) == y).sum()
         row_max = logits.amax(1, keepdim=True)
@@ -69,11 +70,11 @@ def _chunked_loss_and_grads(
         if need_h or need_w or need_b:
             probs.div_(row_sum)
             probs.scatter_add_(1, y[:, None], probs.new_full((y.shape[0], 1), -1.0))  # softmax − onehot
-            g = probs.to(h.dtype) if h.dtype != torch.float32 else probs  # HF: the grad re-enters in h's dtype
+            g = probs.to(h.dtype) if h.dtype != acc else probs  # HF: the grad re-enters in h's dtype
             if need_h:
                 grad_h[start : start + chunk_size] = g @ weight.to(g.dtype)
             if need_w:
-                grad_w += (g.T @ h.to(g.dtype)).float()
+                grad_w += (g.T @ h.to(g.dtype)).to(acc)
             if need_b:
                 grad_b += probs.sum(0)
         del logits, probs
@@ -118,7 +119,7 @@ def linear_cross_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    """(Σ_t cross-entropy(W·h_t + b, targets_t) in fp32, #rows whose argmax is the target) over the rows of
+    """(Σ_t cross-entropy(W·h_t + b, targets_t) in at least fp32, #rows whose argmax is the target) over the rows of
     ``hidden`` (n×H), never holding more than ``chunk_size`` × V logits. ``backend``: "torch" (ours),
     "liger" (Liger-Kernel's fused linear cross-entropy, CUDA only) or "auto" (liger on CUDA when
     installed, else torch)."""

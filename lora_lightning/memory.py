@@ -79,7 +79,8 @@ class MemoryEstimate:
 
     @property
     def peak(self) -> int:
-        return self.weights + self.trainable + self.gradients + self.optimizer + (self.activations or 0) + self.transient
+        held = self.activations or 0
+        return self.weights + self.trainable + self.gradients + self.optimizer + held + self.transient
 
     def table(self, available: Optional[int] = None, where: str = "") -> str:
         act = "not estimated" if self.activations is None else _fmt(self.activations)
@@ -104,7 +105,8 @@ def _blocks(model: nn.Module) -> Optional[nn.ModuleList]:
     best, best_size = None, 0
     for module in model.modules():
         if isinstance(module, nn.ModuleList) and len(module) > 0 and len({type(m) for m in module}) == 1:
-            if not any(base_kind(m) in ("linear", "conv1d") or isinstance(m, AdapterLayer) for m in module[0].modules()):
+            inner = module[0].modules()
+            if not any(base_kind(m) in ("linear", "conv1d") or isinstance(m, AdapterLayer) for m in inner):
                 continue
             size = sum(p.numel() for p in module.parameters())
             if size > best_size:
@@ -167,7 +169,9 @@ def activation_bytes(
         gradient_checkpointing = _checkpointing(model)
 
     block = blocks[0]
-    linears = {n: m for n, m in block.named_modules() if base_kind(m) in ("linear", "conv1d") and not n.endswith(".base")}
+    linears = {
+        n: m for n, m in block.named_modules() if base_kind(m) in ("linear", "conv1d") and not n.endswith(".base")
+    }
     adapters = {n: m for n, m in block.named_modules() if isinstance(m, AdapterLayer)}
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
     if hidden is None:
@@ -178,7 +182,8 @@ def activation_bytes(
     attn_impl = str(getattr(config, "_attn_implementation", "sdpa") or "sdpa")
 
     roles: dict[str, str] = {n: _role(n) for n in {**linears, **adapters}}
-    widths = {n: base_shape(m.base if isinstance(m, AdapterLayer) else m)[1] for n, m in {**linears, **adapters}.items()}
+    layers_of_block = {**linears, **adapters}
+    widths = {n: base_shape(m.base if isinstance(m, AdapterLayer) else m)[1] for n, m in layers_of_block.items()}
     inter = _config_int(config, "intermediate_size", "n_inner", "ffn_dim")
     if inter is None:
         inter = max((w for n, w in widths.items() if roles.get(n) == "mlp_out"), default=4 * hidden)

@@ -82,17 +82,18 @@ def test_rows_without_targets_and_all_masked_batch():
     assert torch.all(hidden.grad == 0)
 
 
-def test_bias_and_bf16_follow_plain_cross_entropy():
+def test_bias_and_dtypes_follow_plain_cross_entropy():
     g = torch.Generator().manual_seed(0)
     h = torch.randn(13, 16, generator=g)
     w, b = torch.randn(50, 16, generator=g), torch.randn(50, generator=g)
     y = torch.randint(0, 50, (13,), generator=g)
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         hs, ws, bs = (t.to(dtype).clone().requires_grad_() for t in (h, w, b))
         linear_cross_entropy(hs, ws, y, bs, chunk_size=4)[0].backward()
         got = [t.grad.float() for t in (hs, ws, bs)]
         hr, wr, br = (t.to(dtype).clone().requires_grad_() for t in (h, w, b))
-        ref = F.cross_entropy(F.linear(hr, wr, br).float(), y, reduction="sum")  # HF's way: upcast logits
+        logits = F.linear(hr, wr, br)
+        ref = F.cross_entropy(logits.to(torch.promote_types(dtype, torch.float32)), y, reduction="sum")  # upcast
         ref.backward()
         for a, e in zip(got, (hr.grad, wr.grad, br.grad)):
             torch.testing.assert_close(a, e.float(), rtol=tol, atol=tol)

@@ -20,7 +20,8 @@ How the logits are formed (``loss_chunk_size``):
                        the model's own logits are exactly lm_head(hidden) (one position); a model that
                        post-processes its logits (Gemma's soft-capping, Cohere's logit scale, …) or whose
                        lm_head is not a plain ``nn.Linear`` falls back, with a warning, to:
-    0 / None           the model's own forward: full B×T×V logits, the target rows gathered and upcast.
+    0 / None           the model's own forward: full B×T×V logits, the target rows gathered and upcast to (at least)
+                       float32.
 
 Metrics (torchmetrics, summed over the whole split and across devices, then divided):
     val_loss       mean ℓ over target tokens (logged by LoRAModule, weighted by n_targets)
@@ -112,7 +113,9 @@ class CausalLM(Task):
 
     def __init__(self, loss_chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, loss_backend: str = "auto") -> None:
         if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
-            raise ValueError(f"loss_chunk_size must be a number of tokens ≥ 0 (0 = full logits), got {loss_chunk_size!r}")
+            raise ValueError(
+                f"loss_chunk_size must be a number of tokens ≥ 0 (0 = full logits), got {loss_chunk_size!r}"
+            )
         if loss_backend not in BACKENDS:
             raise ValueError(f"loss_backend={loss_backend!r}; choose one of {', '.join(BACKENDS)}")
         self.loss_chunk_size = loss_chunk_size or 0
