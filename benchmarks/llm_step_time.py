@@ -17,7 +17,9 @@ Fair measurement: every (variant, round) is a fresh process, and the rounds inte
 (rotating their order each round), so machine noise, allocator state and warm caches hit all alike.
 Each process runs ``--warmup`` untimed steps, then ``--steps`` timed ones, and reports:
 
-* step time → tokens/s = batch·seq / median step time;
+* step time → tokens/s = batch·seq / median step time; and the process CPU time of each step
+  (``time.process_time``: on a shared machine, time spent waiting for a core does not count, so with
+  ``--threads 1`` it is the steadier measure of the work a step does);
 * on CPU, the bytes held for backward = RSS growth over the forward (RSS after the loss, graph alive,
   minus RSS before), with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0`` so freed blocks go
   back to the OS and RSS tracks live memory; and the bytes autograd saves for backward (a
@@ -152,9 +154,11 @@ def measure(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
+    cpu_times: list[float] = []
+
     def step(held: list | None = None, saved: list | None = None) -> float:
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         before = torch.cuda.memory_allocated() if cuda else rss_bytes()
         with autocast:
             if saved is not None:
@@ -169,6 +173,7 @@ def measure(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+        cpu_times.append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     for _ in range(args.warmup):
@@ -178,11 +183,13 @@ def measure(args) -> dict:
     else:
         reset_peak_rss()  # the peak of the training steps, not of building the model
     held: list[int] = []
+    cpu_times.clear()
     times = [step(held=held) for _ in range(args.steps)]
+    cpu = list(cpu_times)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
     saved = [0]
     step(saved=saved)
-    return {"variant": args.variant, "times": times, "held": statistics.median(held), "saved": saved[0],
+    return {"variant": args.variant, "times": times, "cpu_times": cpu, "held": statistics.median(held), "saved": saved[0],
             "peak": peak, "trainable": sum(p.numel() for p in params),
             "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads()}
 
@@ -251,22 +258,25 @@ def main() -> None:
           f" threads={first['threads']}; {args.rounds} fresh processes × {args.steps} timed steps each, interleaved"
           f" ({time.perf_counter() - t_start:.0f} s)")
     held_label, peak_label = ("held fwd→bwd MiB", "peak alloc MiB") if cuda else ("held (RSS) MiB", "peak RSS MiB")
-    print(f"{'variant':10s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'tokens/s':>9s} {held_label:>17s} "
+    print(f"{'variant':10s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'CPU ms':>8s} {'tokens/s':>9s} {held_label:>17s} "
           f"{'autograd-saved MiB':>19s} {peak_label:>13s} {'trainable':>10s}")
     summary = {}
     for v in names:
         times = [t for res in results[v] for t in res["times"]]
+        cpu = [t for res in results[v] for t in res.get("cpu_times", [])]
+        cpu_med = statistics.median(cpu) if cpu else float("nan")
         med = statistics.median(times)
         held = statistics.median(res["held"] for res in results[v])
         saved = statistics.median(res["saved"] for res in results[v])
         peak = statistics.median(res["peak"] for res in results[v])
-        summary[v] = (med, held, peak)
-        print(f"{v:10s} {1e3 * med:10.1f} {1e3 * min(times):8.1f} {1e3 * max(times):8.1f} {tokens / med:9.0f} "
+        summary[v] = (med, held, peak, cpu_med)
+        print(f"{v:10s} {1e3 * med:10.1f} {1e3 * min(times):8.1f} {1e3 * max(times):8.1f} {1e3 * cpu_med:8.1f} {tokens / med:9.0f} "
               f"{held / 2**20:17.1f} {saved / 2**20:19.1f} {peak / 2**20:13.0f} {results[v][0]['trainable']:10,d}")
     for ours, theirs in (("lora", "peft-lora"), ("dora", "peft-dora")):
         if ours in summary and theirs in summary:
-            (t_o, h_o, p_o), (t_t, h_t, p_t) = summary[ours], summary[theirs]
-            print(f"{ours} / {theirs}: time {t_o / t_t:.3f}, held {h_o / h_t:.3f}, peak {p_o / p_t:.3f}")
+            (t_o, h_o, p_o, c_o), (t_t, h_t, p_t, c_t) = summary[ours], summary[theirs]
+            print(f"{ours} / {theirs}: time {t_o / t_t:.3f}, CPU time {c_o / c_t:.3f}, held {h_o / h_t:.3f}, "
+                  f"peak {p_o / p_t:.3f}")
 
 
 if __name__ == "__main__":
