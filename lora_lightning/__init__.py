@@ -12,7 +12,7 @@ from .inject import (
     unmerge_adapters,
 )
 from .interop import export_merged
-from .state import adapter_state_dict, load_adapter, save_adapter
+from .state import adapter_state_dict, load_adapter, read_adapter_labels, save_adapter
 
 __version__ = "0.1.0"
 
@@ -40,6 +40,7 @@ __all__ = [
     "inject_adapters",
     "load_adapter",
     "merge_adapters",
+    "read_adapter_labels",
     "register_method",
     "save_adapter",
     "scaling_for",

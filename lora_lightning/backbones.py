@@ -26,8 +26,6 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .config import parse_dtype  # noqa: F401 - re-exported: model.dtype is parsed here too
-
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf:"
 PKG_PREFIX = "pkg://"
@@ -90,8 +88,6 @@ def _config_is_causal_lm(name: str) -> bool:
 
 def _is_transformers_model(spec: BackboneSpec) -> bool:
     return isinstance(spec, nn.Module) and any(c.__name__ == "PreTrainedModel" for c in type(spec).__mro__)
-
-
 
 
 def _hf_name(spec: str) -> str:

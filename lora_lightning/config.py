@@ -53,7 +53,8 @@ class AdapterConfig:
             regex string matched against full names.
         exclude_modules: names/suffixes (or one regex) never adapted.
         modules_to_save: modules trained in full and saved with the adapter; None = the task head
-            detected on the model (classifier / score / timm ``get_classifier()`` ...); [] = none.
+            detected on the model (classifier / score / timm ``get_classifier()`` ...), never a language
+            model's ``lm_head`` (pretrained, often tied to the input embeddings); [] = none.
         init: A's init, "kaiming" (PEFT default) or "gaussian".
         init_b_std: B ~ N(0, init_b_std²) instead of zeros (loss-landscape experiments).
         dtype: dtype of the adapter tensors ("float32", "bfloat16", "float16"); None = the base layer's.

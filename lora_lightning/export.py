@@ -49,7 +49,7 @@ def build_module(configs: list[str], overrides: list[str]) -> Any:
     """The LoRAModule a ``fit`` with these configs would train, with its backbone built and adapters injected."""
     from lightning.pytorch import LightningDataModule
 
-    from .cli import LoRALightningCLI
+    from .lightning_cli import LoRALightningCLI
     from .module import LoRAModule
 
     args = [a for config in configs for a in ("--config", config)] + overrides

@@ -72,6 +72,20 @@ def find_task_head(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(heads))
 
 
+def output_embedding_names(model: nn.Module) -> list[str]:
+    """Names of transformers' output embeddings (``get_output_embeddings()``: a language model's ``lm_head``,
+    often tied to the input embeddings). A pretrained vocabulary projection, never a new head: it is excluded
+    from ``all-linear`` and NOT trained in full by default."""
+    fn = getattr(model, "get_output_embeddings", None)
+    if not callable(fn):
+        return []
+    try:
+        head = fn()
+    except Exception:  # noqa: BLE001 - a model may define the getter but not support it
+        return []
+    return [name for name, m in model.named_modules() if name and head is not None and m is head]
+
+
 def _matcher(spec: Union[str, list[str]]):
     """A predicate on qualified names: a list matches names or dotted suffixes; a string is a regex."""
     if isinstance(spec, str):
@@ -151,7 +165,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
             "into the existing adapters"
         )
     heads = find_task_head(model)
-    saved = _validate_modules_to_save(model, heads if config.modules_to_save is None else config.modules_to_save)
+    default_saved = [h for h in heads if h not in output_embedding_names(model)]  # a new head, not lm_head
+    saved = _validate_modules_to_save(model, default_saved if config.modules_to_save is None else config.modules_to_save)
     targets = _resolve_targets(model, config, heads)
     for name in targets:
         if _inside(name, saved):

@@ -285,11 +285,15 @@ def peft_config(model: nn.Module, base_model_name_or_path: Optional[str] = None)
 
 
 def save_peft_adapter(
-    model: nn.Module, path: Union[str, Path], base_model_name_or_path: Optional[str] = None
+    model: nn.Module,
+    path: Union[str, Path],
+    base_model_name_or_path: Optional[str] = None,
+    labels: Optional[list[str]] = None,
 ) -> Path:
     """Write the adapters of ``model`` in PEFT's LoRA format to ``path`` (``adapter_config.json`` +
     ``adapter_model.safetensors``), loadable with ``PeftModel.from_pretrained(base, path)``. Same distributed
-    contract as ``save_adapter``: every rank calls it, rank 0 writes. Returns the directory."""
+    contract as ``save_adapter``: every rank calls it, rank 0 writes. Returns the directory. ``labels`` (class
+    names by id; PEFT's config has no field for them) ride along in the safetensors metadata."""
     refuse_flat_sharded(model, "save_adapter(format='peft')")
     config_json = peft_config(model, base_model_name_or_path)
     quant = quantization_record(model)
@@ -301,6 +305,8 @@ def save_peft_adapter(
         ours = {**injected_config(model).to_dict(), "peft_form": peft_form(injected_config(model))}
         if quant is not None:
             ours["base_quantization"] = quant
+        if labels is not None:
+            ours["labels"] = [str(name) for name in labels]
         metadata = {"format": "pt", "lora_lightning": json.dumps(ours, sort_keys=True)}
         _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         text = json.dumps(config_json, indent=2, sort_keys=True)

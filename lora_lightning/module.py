@@ -1,9 +1,20 @@
-"""LoRAModule: a backbone + an adapter method + a task + AdamW with warm-up and a cosine schedule.
+"""LoRAModule: a backbone + an adapter method + a task + Adam(W) with warm-up and a cosine schedule.
 
-Optimiser: AdamW over the trainable tensors only (adapter factors and ``modules_to_save``, i.e. the head).
+Optimiser: Adam over the trainable tensors only (adapter factors and ``modules_to_save``, i.e. the head).
 Weight decay λ goes to the matrices of the groups named in ``decay_on`` (default: adapter factors and
-head), never to biases or norm weights (1-D tensors). On LoRA factors decay is a nuclear-norm penalty on
-ΔW: min over B·A = ΔW of λ/2·(‖A‖²+‖B‖²) = λ·‖ΔW‖_* (Kim, Kim, Ryu 2025).
+head), never to biases or norm weights (1-D tensors), in one of two modes (``weight_decay_mode``):
+
+    "decoupled" (default, AdamW):  p ← p − lr·(Adam step of ∇L) − lr·λ·p   (Loshchilov & Hutter)
+    "coupled"   (Adam + L2):       the loss becomes L + λ/2·Σ‖p‖², i.e. λ·p is added to the gradient
+                                   before Adam's moments (torch.optim.Adam's weight_decay)
+
+Only the coupled mode trains the objective of the loss-landscape theory (Kim, Kim & Ryu 2025, arXiv
+2502.09376, which uses the variational form ‖M‖_* = min over B·A = M of ½(‖A‖²+‖B‖²), Srebro, Rennie &
+Jaakkola 2005): with ΔW = s·B·A, min over the factorisations of λ/2·(‖A‖²+‖B‖²) = (λ/s)·‖ΔW‖_*, so L2 on
+the factors is a nuclear-norm penalty on ΔW with weight λ/s (λ·‖B·A‖_* at s = 1). AdamW's decoupled decay
+shrinks the factors outside the gradient and is not a penalty in the loss; the equivalence does not apply
+to it (it still biases toward small factors, measured in docs/results.md §1). Decoupled as the default is
+[ours] (the common practice for LoRA fine-tuning).
 
 Learning rate at optimizer step t (LambdaLR, stepped every optimizer step), with w warm-up steps of T:
 
@@ -41,6 +52,12 @@ Checkpoints hold only ``adapter_state_dict`` of the backbone (adapter tensors + 
 frozen base is rebuilt from the spec in ``configure_model`` (seeded by ``init_seed``, so even a randomly
 initialised base is the same one every time).
 
+Class names: ``label_names`` (id → name) comes from the datamodule's label vocabulary at setup
+(``lora_lightning.data.labels``) and is saved in checkpoints; a model that already has one (restored from a
+checkpoint) hands it to the datamodule instead, so validate/test/predict use the ids it was trained with.
+``predict_step`` returns names when they are known. AdapterCheckpoint writes them into adapter_config.json, and a
+transformers backbone gets them as ``config.id2label``.
+
 Multi-device: DDP works as is (``trainer.strategy: ddp``). Under Lightning's ``ModelParallelStrategy``
 (tensor_parallel_size=1) ``configure_model`` shards the backbone with FSDP2 (``shard_adapters``: adapters,
 frozen bases and trained modules in separate units); ``init_seed`` makes every rank start from the same
@@ -73,7 +90,7 @@ from .generation import GenerationOptions, as_generation_options
 from .inject import adapter_layers, inject_adapters
 from .quantize import check_mode, describe, ignore_4bit_in_ddp, kept_4bit, nf4_available, quantize_model
 from .state import adapter_state_dict
-from .tasks import get_task
+from .tasks import ClassificationTask, get_task
 
 # Default learning rate per scaling rule (methods inherit it through their rule: DoRA → "lora" ...).
 DEFAULT_LR: dict[str, float] = {"lora": 1e-3, "rslora": 5e-4, "lora_alpha": 5e-5, "none": 1e-3}
@@ -87,6 +104,7 @@ METHOD_CALLBACKS: dict[str, list[type[Callback]]] = {
 
 DECAY_GROUPS = ("adapter", "head")
 SCHEDULERS = ("cosine", "constant")
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 
 
 def default_lr(adapter: AdapterConfig) -> float:
@@ -155,12 +173,14 @@ class LoRAModule(LightningModule):
         adapter: the AdapterConfig (YAML: ``model.adapter.method: rslora``, ``model.adapter.r: 16``).
         lr: adapter learning rate; None = ``DEFAULT_LR`` of the method's scaling rule.
         head_lr: learning rate of ``modules_to_save`` (the head); None = ``lr``.
-        weight_decay: AdamW decay λ on the matrices of the groups in ``decay_on``.
+        weight_decay: decay λ on the matrices of the groups in ``decay_on``.
         decay_on: which groups get decay: any of "adapter", "head" (None = both; [] = none).
+        weight_decay_mode: "decoupled" (AdamW) or "coupled" (Adam with λ·p added to the gradient, i.e. the
+            penalty λ/2·‖p‖² in the loss; module docstring).
         warmup: linear warm-up, a fraction of all optimizer steps if < 1, else a number of steps.
         scheduler: "cosine" (decay to ``min_lr_ratio``·lr) or "constant" after warm-up.
         min_lr_ratio: the cosine floor as a fraction of the peak LR.
-        betas: AdamW betas.
+        betas: Adam betas.
         init_seed: seed for building the backbone and the adapter init (None = the global seed at
             construction); stored in the checkpoint so a reload rebuilds the same frozen weights.
         dtype: load the frozen backbone in "bf16" / "fp16" / "fp32" (None: torch's default, i.e. float32 or
@@ -168,6 +188,9 @@ class LoRAModule(LightningModule):
             in full stay float32 (``adapter.dtype`` overrides).
         gradient_checkpointing: recompute activations in backward (transformers models).
         generation: decoding options of ``predict`` and the generation callback (causal LM).
+        compile: ``torch.compile`` the adapted backbone in place (``nn.Module.compile``: state dict keys
+            unchanged) after injection and sharding. The adapter layers, the fused Functions and the patched
+            gated MLPs trace without graph breaks.
         quantize: QLoRA: "nf4" stores every frozen linear of the backbone in 4 bits (torchao NF4, block 64,
             double-quantised scales; the adapters' bases included; ``lora_lightning.quantize``), "bnb-nf4" the
             same with bitsandbytes (CUDA), "none" (default) keeps them in ``dtype``. A pretrained causal LM is
@@ -187,6 +210,7 @@ class LoRAModule(LightningModule):
         head_lr: Optional[float] = None,
         weight_decay: float = 0.01,
         decay_on: Optional[list[str]] = None,
+        weight_decay_mode: str = "decoupled",
         warmup: float = 0.1,
         scheduler: str = "cosine",
         min_lr_ratio: float = 0.0,
@@ -195,6 +219,7 @@ class LoRAModule(LightningModule):
         dtype: Optional[str] = None,
         gradient_checkpointing: bool = False,
         generation: GenerationOptions = GenerationOptions(),  # noqa: B008 - copied in __init__
+        compile: bool = False,
         quantize: str = "none",
         quantize_lm_head: bool = False,
     ) -> None:
@@ -204,6 +229,8 @@ class LoRAModule(LightningModule):
         decay_on = list(DECAY_GROUPS) if decay_on is None else list(decay_on)
         if set(decay_on) - set(DECAY_GROUPS):
             raise ValueError(f"decay_on={decay_on!r}: entries must be among {DECAY_GROUPS}")
+        if weight_decay_mode not in WEIGHT_DECAY_MODES:
+            raise ValueError(f"weight_decay_mode={weight_decay_mode!r}: choose one of {', '.join(WEIGHT_DECAY_MODES)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if warmup < 0:
@@ -222,14 +249,16 @@ class LoRAModule(LightningModule):
         self.init_seed = init_seed if init_seed is not None else torch.initial_seed() % 2**31
         object.__setattr__(self, "_backbone_spec", backbone)  # a module instance becomes self.model later
         self.model: Optional[nn.Module] = None
+        self.label_names: Optional[list[str]] = None  # class names by id (module docstring)
+        self._final_line: Optional[str] = None  # printed at teardown, after the progress bar
         self.strict_loading = False  # checkpoints hold adapter + head tensors only
 
         ignore = ["adapter", "generation"] + (["backbone"] if isinstance(backbone, nn.Module) else [])
         self.save_hyperparameters(ignore=ignore)
         self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)  # plain types: weights_only loads
         self.hparams["generation"] = dataclasses.asdict(self.generation)
-        self._step_targets: Optional[Tensor] = None  # target count of the optimizer step so far (this device)
         self.hparams["init_seed"] = self.init_seed
+        self._step_targets: Optional[Tensor] = None  # target count of the optimizer step so far (this device)
 
         self.val_metrics = self.task.metrics(num_classes, prefix="val_")
         self.test_metrics = self.task.metrics(num_classes, prefix="test_")
@@ -249,15 +278,16 @@ class LoRAModule(LightningModule):
             config = self.adapter_config
             if config.modules_to_save is None:
                 config = dataclasses.replace(config, modules_to_save=self.task.default_modules_to_save(model))
+            low_precision = self.base_dtype in (torch.bfloat16, torch.float16)
             if self.base_dtype is not None:
                 with kept_4bit(model, lambda t: t):  # a streamed 4-bit load is in base_dtype already
                     model.to(self.base_dtype)  # transformers models are loaded in it; timm / own modules are cast
-                if config.dtype is None:
-                    config = dataclasses.replace(config, dtype="float32")
+            if low_precision and config.dtype is None:
+                config = dataclasses.replace(config, dtype="float32")
             report = inject_adapters(model, config, verbose=False)
             if h.quantize != "none":  # after injection: the adapters' frozen bases are quantised too
                 quantize_model(model, h.quantize, h.quantize_lm_head)
-        if self.base_dtype is not None:
+        if low_precision:
             for name in report.modules_to_save:
                 _run_in_float32(model.get_submodule(name))
         if h.gradient_checkpointing:
@@ -269,15 +299,50 @@ class LoRAModule(LightningModule):
                 print(describe(model, h.quantize))
         if self.device_mesh is not None:  # ModelParallelStrategy: shard with FSDP2 (lora_lightning.distributed)
             shard_adapters(model, self.device_mesh)
+        if self.hparams.get("compile", False):
+            model.compile()
         self.model = model
         if h.quantize != "none":
             ignore_4bit_in_ddp(self)  # every rank builds the same 4-bit weights; DDP's broadcast would garble them
+        self._name_classes()
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Module casts and moves leave 4-bit weights 4-bit (``quantize.kept_4bit``): Lightning's "bf16-true"
         ``convert_module`` or a ``.to(dtype)`` would otherwise dequantise them."""
         with kept_4bit(self, fn):
             return super()._apply(fn, recurse)
+
+    # -- class names ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Agree on class names with the datamodule (module docstring): the model's own win, else the data's."""
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "label_names"):
+            return
+        if self.label_names is not None and hasattr(datamodule, "set_label_names"):
+            datamodule.set_label_names(self.label_names)
+        elif datamodule.label_names is not None:
+            self.label_names = list(datamodule.label_names)
+            self._name_classes()
+
+    def _name_classes(self) -> None:
+        names = self.label_names
+        if names is not None and len(names) != self.hparams.num_classes:
+            raise ValueError(
+                f"{len(names)} class names {names} but num_classes={self.hparams.num_classes}: make them agree"
+            )
+        config = getattr(self.model, "config", None)
+        if names is not None and hasattr(config, "id2label"):  # transformers: carried by save_pretrained exports
+            config.id2label = dict(enumerate(names))
+            config.label2id = {n: i for i, n in enumerate(names)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.label_names is not None:
+            checkpoint["label_names"] = list(self.label_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("label_names") is not None:
+            self.label_names = list(checkpoint["label_names"])
+            self._name_classes()
 
     def forward(self, batch: Any) -> Any:
         """The task's predictions for ``batch`` (class ids, values, generated tokens)."""
@@ -333,21 +398,31 @@ class LoRAModule(LightningModule):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> Any:
-        """The task's predictions: class ids (classification), vectors (regression), or
-        {"index", "tokens"} of generated completions (causal LM; ``CompletionWriter`` writes them)."""
-        return self.task.predict(self.model, batch, self.generation)
+        """The task's predictions: classes (their names when ``label_names`` is known, else their ids), vectors
+        (regression), or {"index", "tokens"} of generated completions (causal LM; ``CompletionWriter`` writes
+        them)."""
+        predictions = self.task.predict(self.model, batch, self.generation)
+        if self.label_names is not None and isinstance(self.task, ClassificationTask):
+            return [self.label_names[i] for i in predictions.tolist()]
+        return predictions
 
     def on_train_start(self) -> None:
         self._step_targets = None
 
     def on_fit_end(self) -> None:
         summary = self.task.summary(self.trainer.callback_metrics)
-        if self.global_rank == 0 and summary:
-            print(f"final validation (step {self.global_step}): {summary}")
+        self._final_line = f"final validation (step {self.global_step}): {summary}" if summary else None
+
+    def teardown(self, stage: str) -> None:
+        """Print the final validation metrics after the progress bar has closed (its callback's teardown runs
+        before the module's), so they are the last line of the run."""
+        if stage == "fit" and self._final_line and self.global_rank == 0:
+            print(self._final_line)
+        self._final_line = None
 
     # -- optimisation -----------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
-        """AdamW groups: adapter / head × decay / no decay (1-D tensors: biases, norms), empty ones dropped."""
+        """Optimiser groups: adapter / head × decay / no decay (1-D tensors: biases, norms), empty ones dropped."""
         adapter_ids = {
             id(p)
             for layer in adapter_layers(self.model).values()
@@ -392,6 +467,11 @@ class LoRAModule(LightningModule):
 
         return factor
 
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW (``weight_decay_mode="decoupled"``) or Adam with coupled L2 decay over ``param_groups()``."""
+        cls = torch.optim.AdamW if self.hparams.weight_decay_mode == "decoupled" else torch.optim.Adam
+        return cls(self.param_groups(), lr=self.lr, betas=tuple(self.hparams.betas))
+
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
         """The step, with the accumulated gradients turned into the mean over the step's targets (module
         docstring) inside the closure: after the last micro-batch's backward, before any hook sees them."""
@@ -418,7 +498,7 @@ class LoRAModule(LightningModule):
                     p.grad.mul_(factor)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr, betas=tuple(self.hparams.betas))
+        optimizer = self.optimizer()
         total = float(self.trainer.estimated_stepping_batches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -85,12 +85,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, path: Union[str, Path], format: str = FORMAT) -> Path:
+def save_adapter(
+    model: nn.Module, path: Union[str, Path], format: str = FORMAT, labels: Optional[Sequence[str]] = None
+) -> Path:
     """Write ``path/adapter_model.safetensors`` and ``path/adapter_config.json``. Returns the directory.
 
-    ``format="lora_lightning"``: method, r, alpha, the scaling rule and the effective scale, exact target names.
+    ``format="lora_lightning"``: method, r, alpha, the scaling rule and the effective scale, exact target names;
+    ``labels``: the class names by id of the trained head, read back with ``read_adapter_labels``.
     ``format="peft"``: PEFT's LoRA layout, loadable with ``PeftModel.from_pretrained`` (each method mapped exactly,
-    see ``lora_lightning.interop``; a method PEFT cannot express is refused, naming ``export_merged``).
+    see ``lora_lightning.interop``; a method PEFT cannot express is refused, naming ``export_merged``). PEFT's
+    config has no field for class names: ``labels`` go into the safetensors metadata there.
 
     Under ``torch.distributed`` only global rank 0 writes. Sharded (FSDP2 DTensor) tensors are gathered
     whole first, which is a collective: then every rank must call ``save_adapter`` (rank 0 writes the whole
@@ -103,7 +107,7 @@ def save_adapter(model: nn.Module, path: Union[str, Path], format: str = FORMAT)
     if format == "peft":
         from .interop import save_peft_adapter
 
-        return save_peft_adapter(model, path)
+        return save_peft_adapter(model, path, labels=None if labels is None else list(labels))
     refuse_flat_sharded(model, "save_adapter")
     state = adapter_state_dict(model)
     sharded = any(isinstance(v, DTensor) for v in state.values())
@@ -116,6 +120,8 @@ def save_adapter(model: nn.Module, path: Union[str, Path], format: str = FORMAT)
         quant = quantization_record(model)
         if quant is not None:
             meta["base_quantization"] = quant  # informational: the adapter loads on a dense base as well
+        if labels is not None:
+            meta["labels"] = [str(name) for name in labels]
         (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
     if sharded:
         torch.distributed.barrier()
@@ -139,6 +145,11 @@ def read_adapter_config(path: Union[str, Path]) -> AdapterConfig:
             f"(format={meta.get('format')!r}); load_adapter(model, path) reads both formats"
         )
     return AdapterConfig.from_dict(meta["adapter"])
+
+
+def read_adapter_labels(path: Union[str, Path]) -> Optional[list[str]]:
+    """The class names by id saved with an adapter (``save_adapter(..., labels=...)``); None if none were."""
+    return _read_config_json(path).get("labels")
 
 
 def load_adapter(model: nn.Module, path: Union[str, Path], verbose: bool = False) -> nn.Module:

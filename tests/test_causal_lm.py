@@ -271,3 +271,27 @@ def test_generation_samples_and_exact_match_at_validation(tiny_llama_dir, sft_fi
     em = sum(c.strip() == r["reference"] for c, r in zip(completions, rows)) / len(rows)
     assert float(trainer.callback_metrics["val_exact_match"]) == pytest.approx(em)
     assert 0.0 <= float(trainer.callback_metrics["val_contains"]) <= 1.0
+
+
+def test_readme_own_module_example_trains(tiny_llama_dir, sft_files):
+    """The "your own LightningModule" example of README's language-model section, on the tiny Llama."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Fine-tune a language model"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = code[: code.index("data = CausalLMDataModule(")]  # the class; data and Trainer are the hub ones
+    namespace: dict = {}
+    exec(compile(code.replace('NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"', f"NAME = {tiny_llama_dir!r}"),
+                 "README.md", "exec"), namespace)
+    from lora_lightning.data import CausalLMDataModule
+
+    module = namespace["MySFT"]()
+    assert {type(m).__name__ for m in adapter_layers(module).values()} == {"DoRALayer"}
+    data = CausalLMDataModule(tokenizer=tiny_llama_dir, train_file=sft_files["chat"], val_file=sft_files["chat"],
+                              batch_size=2)
+    trainer = cpu_trainer(max_steps=2)
+    trainer.fit(module, datamodule=data)
+    assert math.isfinite(float(trainer.callback_metrics["val_loss"]))
+    assert all(layer.lora_B.abs().max() > 0 for layer in adapter_layers(module).values())  # trained

@@ -237,3 +237,20 @@ def test_causal_lm_fit_then_predict_subprocess(tmp_path, tiny_llama_dir, sft_fil
     assert tokens.shape[1] <= 3
     want = [dm.decode(strip_after_eos(t, dm.tokenizer.eos_token_id)) for t in tokens.tolist()]
     assert [x["completion"] for x in lines] == want
+
+
+@pytest.mark.parametrize("sft", ["sft_qwen_alpaca", "sft_smollm2_chat", "sft_offline"])
+def test_sft_configs_parse_and_take_a_strategy_fragment(capsys, sft):
+    args = ["fit", "--config", os.path.join(ROOT, "configs", f"{sft}.yaml"),
+            "--config", os.path.join(ROOT, "configs", "fsdp.yaml")]
+    printed = _print_config(capsys, args)
+    assert printed["data"]["class_path"] == "lora_lightning.data.CausalLMDataModule"
+    assert printed["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.ModelParallelStrategy"
+    assert printed["model"]["adapter"]["modules_to_save"] is None  # the task's default: nothing in full
+    callbacks = [c["class_path"].rsplit(".", 1)[-1] for c in printed["trainer"]["callbacks"]]
+    assert {"ModelCheckpoint", "AdapterCheckpoint", "GenerationSamples"} <= set(callbacks)
+    saver = next(c for c in printed["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert saver["init_args"]["save_last"] is True and saver["init_args"]["every_n_train_steps"] > 0
+    if sft != "sft_offline":  # the GPU configs: bf16 base, fp32 adapters, r=16 on all linear layers
+        assert printed["model"]["dtype"] == "bf16" and printed["trainer"]["precision"] == "bf16-mixed"
+        assert printed["model"]["adapter"]["r"] == 16 and printed["model"]["adapter"]["target_modules"] == "all-linear"

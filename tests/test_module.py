@@ -140,6 +140,43 @@ def test_param_groups_decay_only_matrices_and_lr_defaults():
     assert all(g["weight_decay"] == 0.0 for g in no_decay.param_groups())
 
 
+def test_coupled_weight_decay_is_the_gradient_of_the_l2_penalty():
+    """weight_decay_mode="coupled": the gradient Adam sees is that of L + λ/2·Σ‖p‖² over the decayed matrices
+    (its first moment after one step is (1 − β1)·that gradient), and the step equals a penalty-in-the-loss step;
+    "decoupled" (AdamW) is a different step."""
+    lam, beta1 = 0.3, 0.9
+    x, y = next(iter(tensor_loader()))
+
+    def stepped(mode: str, penalty: bool):
+        module = _net_module(weight_decay=0.0 if penalty else lam, weight_decay_mode=mode)
+        module.configure_model()
+        opt = module.optimizer()
+        decayed = [p for g in module.param_groups() if g["name"] in ("adapter", "head") for p in g["params"]]
+        with torch.no_grad():  # B ≠ 0, so every factor has a non-zero gradient and decay
+            for layer in adapter_layers(module.model).values():
+                layer.lora_B.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+        loss = nn.functional.cross_entropy(module.model(x), y)
+        if penalty:
+            loss = loss + lam / 2 * sum(p.pow(2).sum() for p in decayed)
+        loss.backward()
+        grads = {id(p): p.grad.clone() for p in decayed}
+        opt.step()
+        return module, opt, decayed, grads
+
+    coupled, opt, decayed, _ = stepped("coupled", penalty=False)
+    assert type(opt) is torch.optim.Adam and {g["weight_decay"] for g in opt.param_groups} == {0.0, lam}
+    loss_penalty, _, decayed_p, penalty_grads = stepped("coupled", penalty=True)
+    for p, q in zip(decayed, decayed_p):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - beta1) * penalty_grads[id(q)], rtol=1e-6, atol=1e-9)
+    for p, q in zip(coupled.parameters(), loss_penalty.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    decoupled, opt_w, decayed_w, _ = stepped("decoupled", penalty=False)
+    assert type(opt_w) is torch.optim.AdamW
+    assert max((p - q).abs().max() for p, q in zip(decayed, decayed_w)) > 1e-4
+    with pytest.raises(ValueError, match="decoupled, coupled"):
+        _net_module(weight_decay_mode="l2")
+
+
 def test_warmup_then_cosine_schedule():
     module = _net_module(warmup=0.25, min_lr_ratio=0.1)
     f = module.lr_factor(total_steps=100)

@@ -71,9 +71,13 @@ class DoRALayer(LoRALayer):
     def _w0_row_sq(self, dtype: torch.dtype) -> Tensor:
         """‖W0_i‖² per output row, cached while W0's storage and version counter stay the same."""
         w = self.base.weight
-        key = (*storage_key(w), dtype)
+        dim = 0 if self.kind == "conv1d" else tuple(range(1, w.dim()))
+        if torch.compiler.is_compiling():  # no storage/version keys in a graph: the cache as it is, else compute
+            if self._w0_sq is not None and self._w0_sq[1].dtype == dtype:
+                return self._w0_sq[1]
+            return torch.linalg.vector_norm(dequantize(w), dim=dim, dtype=dtype).square()
+        key = (*storage_key(w), dtype)  # a 4-bit W0: the key of its codes, the norm of its dequantised values
         if self._w0_sq is None or self._w0_sq[0] != key:
-            dim = 0 if self.kind == "conv1d" else tuple(range(1, w.dim()))
             self._w0_sq = (key, torch.linalg.vector_norm(dequantize(w), dim=dim, dtype=dtype).square())
         return self._w0_sq[1]
 

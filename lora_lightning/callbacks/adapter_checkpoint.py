@@ -12,7 +12,8 @@ method mapped exactly, see ``lora_lightning.interop``); a method PEFT cannot exp
 
 Works on any LightningModule that contains adapters: it saves every submodule that ``inject_adapters``
 was run on (the one carrying the ``_lora_lightning_config`` attribute), in ``<dir>/<submodule name>/``
-when there is more than one.
+when there is more than one. The class names (``label_names`` of the module, else of the datamodule; see
+``lora_lightning.data.labels``) go into adapter_config.json as ``labels``.
 
 Multi-device: every rank takes part in each save (FSDP2 shards are gathered whole, a collective) and only
 global rank 0 writes, once; whether ``monitor`` improved is decided on rank 0 and broadcast, so all ranks
@@ -36,6 +37,14 @@ from ..state import FORMATS, save_adapter
 def adapter_holders(module: nn.Module) -> dict[str, nn.Module]:
     """The submodules ``inject_adapters`` was applied to, by qualified name ("" for ``module`` itself)."""
     return {name: m for name, m in module.named_modules() if hasattr(m, CONFIG_ATTR) and adapter_layers(m)}
+
+
+def label_names(pl_module: pl.LightningModule) -> Optional[list[str]]:
+    """The class names by id: ``pl_module.label_names``, else the datamodule's; None when neither has them."""
+    names = getattr(pl_module, "label_names", None)
+    if names is None and pl_module._trainer is not None:
+        names = getattr(pl_module.trainer.datamodule, "label_names", None)
+    return list(names) if names is not None else None
 
 
 class AdapterCheckpoint(Callback):
@@ -89,8 +98,11 @@ class AdapterCheckpoint(Callback):
         """Write ``<dirpath>/<name>/`` (one subfolder per adapted submodule if there are several)."""
         holders = adapter_holders(pl_module)
         target = self.dirpath / name
+        labels = label_names(pl_module)
         for sub, holder in holders.items():
-            save_adapter(holder, target / sub if len(holders) > 1 else target, format=self.format)
+            save_adapter(
+                holder, target / sub if len(holders) > 1 else target, format=self.format, labels=labels
+            )
         return target
 
     def _improved(self, score: float) -> bool:

@@ -1,20 +1,27 @@
 """Shared by the datamodules: load a DatasetDict from a hub name, a folder or local files; pick the
-train/val/test splits (a seeded split of train when there is no validation split); a seeded subset."""
+train/val/test splits (a seeded split of train when there is no validation split); a seeded subset.
+Bad rows (rows.py) and label vocabularies (labels.py) have their own modules."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+
+from .labels import check_num_classes, encode_labels, label_values, label_vocabulary
+from .rows import BadDataError
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def load_files(files: dict[str, str]) -> DatasetDict:
-    """Local csv / tsv (tab-separated, via the csv builder) / json / jsonl / parquet files, one per split."""
+    """Local csv / tsv (tab-separated, via the csv builder) / json / jsonl / parquet files, one per split. Each file
+    is read on its own, so a file that cannot be parsed (a row with too many fields, a json type clash) is a
+    ``BadDataError`` naming that file and the parser's reason (with its line number)."""
     suffixes = {Path(f).suffix.lower() for f in files.values()}
     unknown = suffixes - set(FILE_BUILDERS)
     if unknown:
@@ -25,8 +32,19 @@ def load_files(files: dict[str, str]) -> DatasetDict:
     for f in files.values():
         if not Path(f).is_file():
             raise FileNotFoundError(f"data file {f} not found (relative paths start at the working directory)")
+    builder = builders.pop()
     kwargs = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
-    return load_dataset(builders.pop(), data_files={k: str(v) for k, v in files.items()}, **kwargs)
+    splits = {}
+    for split, f in files.items():
+        try:
+            splits[split] = load_dataset(builder, data_files={split: str(f)}, split=split, **kwargs)
+        except DatasetGenerationError as err:
+            cause = err.__cause__ or err
+            raise BadDataError(
+                f"{f} cannot be read as {Path(f).suffix.lower()[1:]}: {type(cause).__name__}: {cause}. "
+                "Fix or delete that line (every row needs the header's columns, one value type per column)"
+            ) from err
+    return DatasetDict(splits)
 
 
 def load_any(dataset: str, config: Optional[str] = None) -> DatasetDict:
@@ -73,30 +91,54 @@ def seeded_subset(ds: Dataset, size: Optional[int], seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(size))
 
 
-def string_label_ids(ds: Dataset, column: str) -> Optional[dict[str, int]]:
-    """For a label column of strings: {name: id} over the sorted names; None for integer / ClassLabel labels."""
-    if column not in ds.column_names:
-        raise ValueError(f"label column {column!r} not found; columns: {', '.join(ds.column_names)}")
-    if getattr(ds.features[column], "dtype", None) in ("string", "large_string"):
-        return {name: i for i, name in enumerate(sorted(set(ds[column])))}
-    return None
-
-
-def check_labels(labels: Iterable[int], num_classes: Optional[int], split: str) -> None:
-    labels = list(labels)
-    if not labels:
-        raise ValueError(f"the {split} split is empty")
-    low, high = min(labels), max(labels)
-    if low < 0 or (num_classes is not None and high >= num_classes):
-        raise ValueError(
-            f"{split} labels span {low}..{high} but num_classes={num_classes}; set model.num_classes to the "
-            f"number of classes (labels must be 0..C-1; unlabelled splits such as GLUE test use -1)"
-        )
-
-
 class SplitDataModule(LightningDataModule):
     """Dataloaders over ``self.splits`` ("train", "val", "test") with ``self.collate``; the subclass's
-    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size`` and ``num_workers`` hparams."""
+    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size``, ``num_workers``, ``labels`` and
+    ``num_classes`` hparams.
+
+    The label vocabulary (labels.py) in use is ``label_names`` (None: integer ids); it is this datamodule's
+    checkpoint state, and ``set_label_names`` (a checkpoint's vocabulary, or the model's) overrides the one
+    built from the data."""
+
+    label_names: Optional[list[str]] = None
+    _kept_names: Optional[list[str]] = None
+
+    def _vocabulary(self, train: Dataset, label_column: str, source: str) -> Optional[list[str]]:
+        """The vocabulary to use: the kept one, else ``labels`` / the training split's (labels.py); checked
+        against every training label and ``num_classes``."""
+        h = self.hparams
+        if label_column not in train.column_names:
+            raise BadDataError(
+                f"{source}: label column {label_column!r} not found; columns: {', '.join(train.column_names)} "
+                "(set data.label_column)"
+            )
+        names = label_vocabulary(train, label_column, h.labels)
+        if self._kept_names is not None:
+            if h.labels is not None and names != self._kept_names:
+                raise BadDataError(
+                    f"data.labels {names} differs from the checkpoint's label vocabulary {self._kept_names}: the "
+                    "model's class ids follow the checkpoint; remove data.labels or make it equal"
+                )
+            names = self._kept_names
+        train_ids = encode_labels(label_values(train, label_column), names, h.num_classes, source)
+        if self._kept_names is None:
+            check_num_classes(names, train_ids, h.num_classes, source, given=h.labels is not None)
+        return names
+
+    def set_label_names(self, names: Optional[list[str]]) -> None:
+        """Use the vocabulary ``names`` (e.g. a checkpoint's) instead of the one built from the data; re-runs
+        ``setup`` if it already ran with another one. A label of the data outside ``names`` is a ``BadDataError``."""
+        self._kept_names = list(names) if names is not None else None
+        if self.splits and self._kept_names != self.label_names:
+            self.splits = {}
+            self.setup()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"label_names": list(self.label_names)} if self.label_names is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "label_names" in state_dict:
+            self.set_label_names(state_dict["label_names"])
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         h = self.hparams
