@@ -65,10 +65,10 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--extra"]
-    if args.child:
-        print("RESULT " + json.dumps(child(extra)))
-        return
     configs = args.config or [str(ROOT / c) for c in CONFIGS]
+    if args.child:
+        print("RESULT " + json.dumps(child([a for c in configs for a in ("--config", c)] + extra)))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     runs: dict[str, list[dict]] = {"none": [], "nf4": []}
     for seed in args.seeds.split(","):

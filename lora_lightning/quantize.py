@@ -66,6 +66,16 @@ def _nf4_module():
     return nf4_tensor
 
 
+def _bnb():  # pragma: no cover - CUDA + bitsandbytes only
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise RuntimeError(
+            "quantize='bnb-nf4' needs bitsandbytes: pip install 'lora-lightning[bnb]' (or use quantize='nf4')"
+        ) from err
+    return bitsandbytes
+
+
 def nf4_available() -> None:
     """Raise the install hint when torchao (needed for ``quantize="nf4"``) is missing."""
     _nf4_module()
@@ -156,9 +166,7 @@ def dequantize(weight: Tensor, dtype: Optional[torch.dtype] = None) -> Tensor:
     if name == "NF4Tensor":
         dense = _dequantize_nf4(weight)
     elif name == "Params4bit":  # pragma: no cover - CUDA + bitsandbytes only
-        import bitsandbytes.functional as bnbF
-
-        dense = bnbF.dequantize_4bit(weight.data, weight.quant_state)
+        dense = _bnb().functional.dequantize_4bit(weight.data, weight.quant_state)
     else:
         dense = weight.detach() if isinstance(weight, nn.Parameter) else weight
     return dense if dtype is None else dense.to(dtype)
@@ -195,9 +203,7 @@ def linear_4bit(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Ten
     if name == "NF4Tensor":
         out = Linear4bitFunction.apply(x, weight)
     elif name == "Params4bit":  # pragma: no cover - CUDA + bitsandbytes only
-        import bitsandbytes as bnb
-
-        out = bnb.matmul_4bit(x, weight.t(), quant_state=weight.quant_state)
+        out = _bnb().matmul_4bit(x, weight.t(), quant_state=weight.quant_state)
     else:
         return torch.nn.functional.linear(x, weight, bias)
     return out if bias is None else out + bias.to(out.dtype)
@@ -308,17 +314,11 @@ def check_mode(mode: str) -> None:
     if mode == "bnb-nf4":
         if not torch.cuda.is_available():
             raise RuntimeError("quantize='bnb-nf4' needs a CUDA device (bitsandbytes); on CPU use quantize='nf4'")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as err:
-            raise RuntimeError(
-                "quantize='bnb-nf4' needs bitsandbytes: pip install 'lora-lightning[bnb]' (or use quantize='nf4')"
-            ) from err
+        _bnb()
 
 
 def _quantize_bnb(module: nn.Linear) -> nn.Module:  # pragma: no cover - CUDA + bitsandbytes only
-    import bitsandbytes as bnb
-
+    bnb = _bnb()
     q = bnb.nn.Linear4bit(
         module.in_features,
         module.out_features,

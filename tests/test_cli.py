@@ -241,7 +241,7 @@ def test_causal_lm_fit_then_predict_subprocess(tmp_path, tiny_llama_dir, sft_fil
     assert [x["completion"] for x in lines] == want
 
 
-@pytest.mark.parametrize("sft", ["sft_qwen_alpaca", "sft_smollm2_chat", "sft_offline"])
+@pytest.mark.parametrize("sft", ["sft_qwen_alpaca", "sft_smollm2_chat", "sft_offline", "sft_qlora"])
 def test_sft_configs_parse_and_take_a_strategy_fragment(capsys, sft):
     args = ["fit", "--config", os.path.join(ROOT, "configs", f"{sft}.yaml"),
             "--config", os.path.join(ROOT, "configs", "fsdp.yaml")]
@@ -256,3 +256,4 @@ def test_sft_configs_parse_and_take_a_strategy_fragment(capsys, sft):
     if sft != "sft_offline":  # the GPU configs: bf16 base, fp32 adapters, r=16 on all linear layers
         assert printed["model"]["dtype"] == "bf16" and printed["trainer"]["precision"] == "bf16-mixed"
         assert printed["model"]["adapter"]["r"] == 16 and printed["model"]["adapter"]["target_modules"] == "all-linear"
+    assert printed["model"]["quantize"] == ("nf4" if sft == "sft_qlora" else "none")

@@ -433,3 +433,15 @@ def test_callback_needs_sds_layers_and_valid_schedule():
     plain.net = tiny_net()
     with pytest.raises(ValueError, match="method='sds'"):
         SDSReorthonormalization().on_train_start(None, plain)
+
+
+def test_loading_the_flag_is_seen_also_by_compiled_graphs():
+    """A load of ``sds_active`` refreshes the Python-side value that torch.compile reads (no eager forward needed)."""
+    torch.manual_seed(0)
+    src, dst = SDSLayer(torch.nn.Linear(6, 5), r=2, scaling=1.0), SDSLayer(torch.nn.Linear(6, 5), r=2, scaling=1.0)
+    with torch.no_grad():
+        src.lora_B.normal_()
+    src.rebalance()
+    assert src._active_value and not dst._active_value
+    dst.load_state_dict(src.state_dict())
+    assert dst._active_value

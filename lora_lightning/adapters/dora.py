@@ -76,7 +76,7 @@ class DoRALayer(LoRALayer):
             if self._w0_sq is not None and self._w0_sq[1].dtype == dtype:
                 return self._w0_sq[1]
             return torch.linalg.vector_norm(dequantize(w), dim=dim, dtype=dtype).square()
-        key = (*storage_key(w), dtype)
+        key = (*storage_key(w), dtype)  # a 4-bit W0: the key of its codes, the norm of its dequantised values
         if self._w0_sq is None or self._w0_sq[0] != key:
             self._w0_sq = (key, torch.linalg.vector_norm(dequantize(w), dim=dim, dtype=dtype).square())
         return self._w0_sq[1]

@@ -10,8 +10,9 @@ element, or none) with keep scale q = 1/(1−p):
                 ∂L/∂U = s·(c⊙g)ᵀ·h,    ∂L/∂D = s·((c⊙g)·U)ᵀ·x̃
 
 with c ≡ 1 for plain LoRA. Saved for backward: x itself (a reference to the layer input, never a copy), the
-mask, and references to W0, D, U (parameters, not copies); nothing weight-sized is computed per step and W0
-never gets a gradient (``LoRAFunction`` is used only when W0 and b are frozen). This is Unsloth's
+mask, and references to W0, D, U (parameters, not copies); nothing weight-sized is kept (under autocast an fp32
+W0 is cast per use, a transient, as ``F.linear`` does) and W0 never gets a gradient (``LoRAFunction`` is used only
+when W0 and b are frozen). This is Unsloth's
 ``fast_lora`` idea (``out.addmm_(X·A, B, alpha=s)``, only X kept) written for our layer interface.
 
 ALLoRA (Huang & Balestriero 2024, arXiv 2410.09692, §4.2 and the code listing of Appendix F): one coefficient
@@ -85,23 +86,35 @@ def _base_matrix(weight: Tensor, layout: str, dtype: Optional[torch.dtype] = Non
     return w if dtype is None else w.to(dtype)
 
 
+def _masked(x2: Tensor, mask2: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """m⊙x in ``dtype`` (the keep scale q is folded into the r-sized products by the callers)."""
+    x2 = x2.to(dtype)
+    return x2 if mask2 is None else x2 * mask2
+
+
 def _lowrank_forward(x2, weight, bias, down, up, mask2, scaling: float, p: float, layout: str, dtype):
     """[x·W0ᵀ + b] + s·(q·m⊙x)·Dᵀ·Uᵀ for 2-D x (N×in), autocast off; ``dtype``: the autocast dtype or None."""
     adapter_dtype = dtype or down.dtype
-    xd = apply_mask(x2, mask2, p).to(adapter_dtype)
-    h = xd @ down.to(adapter_dtype).T
-    del xd
-    if scaling != 1.0:
-        h = h * scaling
+    scale = scaling / (1.0 - p) if mask2 is not None else scaling
+    h = _masked(x2, mask2, adapter_dtype) @ down.to(adapter_dtype).T  # N×k
+    if scale != 1.0:
+        h = h * scale
     up_t = up.to(adapter_dtype).T
     if weight is None:
         return h @ up_t
-    w = _base_matrix(weight, layout, dtype)
+    if is_quantized(weight):  # QLoRA: a one-layer dense temporary in the compute dtype, dropped below
+        weight = dequantize(weight, dtype)
+    elif dtype is not None:
+        weight = weight.to(dtype)
     if dtype is not None and bias is not None:
         bias = bias.to(dtype)
     xb = x2 if dtype is None else x2.to(dtype)
-    out = xb @ w.T if bias is None else torch.addmm(bias, xb, w.T)
-    del xb, w
+    # the base layer's own op: F.linear for nn.Linear, addmm(b, x, W) for Conv1D (W stored in×out)
+    if layout == "conv1d":
+        out = xb @ weight if bias is None else torch.addmm(bias, xb, weight)
+    else:
+        out = torch.nn.functional.linear(xb, weight, bias)
+    del xb, weight
     if out.dtype == adapter_dtype:
         return out.addmm_(h, up_t)
     out += (h @ up_t).to(out.dtype)
@@ -113,27 +126,34 @@ def _lowrank_backward(g2, x2, weight, down, up, mask2, coef, scaling: float, p: 
     """(∂L/∂x, ∂L/∂D, ∂L/∂U) of ``_lowrank_forward`` for the output gradient g2 (N×out), module docstring; x2 as
     in forward (its mask reapplied here). ∂L/∂x is in the compute dtype; None where not needed."""
     adapter_dtype = dtype or down.dtype
+    scale = scaling / (1.0 - p) if mask2 is not None else scaling
     d, u = down.to(adapter_dtype), up.to(adapter_dtype)
     ga = g2.to(adapter_dtype)
     dx = d_down = d_up = gu = None
     if need_x:
         gu = ga @ u  # N×k
-        low = apply_mask((gu @ d) * scaling, mask2, p)  # N×in
-        if weight is None:
-            dx = low
+        w = None if weight is None else _base_matrix(weight, layout, dtype)  # 4-bit: dequantised, transient
+        if w is None:
+            dx = (gu * scale) @ d
+            if mask2 is not None:
+                dx.mul_(mask2)
+        elif mask2 is None and w.dtype == adapter_dtype:
+            dx = (g2.to(w.dtype) @ w).addmm_(gu, d, alpha=scale)  # g·W0 + s·(g·U)·D, no N×in temporary
         else:
-            w = _base_matrix(weight, layout, dtype)
             dx = g2.to(w.dtype) @ w
+            low = (gu * scale) @ d  # N×in, masked
+            if mask2 is not None:
+                low.mul_(mask2)
             dx += low.to(dx.dtype)
-        del low
+            del low
     if need_down or need_up:
-        xd = apply_mask(x2, mask2, p).to(adapter_dtype)
+        xm = _masked(x2, mask2, adapter_dtype)
         gc = ga if coef is None else ga * coef.to(adapter_dtype)
         if need_up:
-            d_up = (gc.T @ (xd @ d.T)) * scaling
+            d_up = (gc.T @ (xm @ d.T)) * scale
         if need_down:
             gcu = gu if (coef is None and gu is not None) else gc @ u
-            d_down = (gcu.T @ xd) * scaling
+            d_down = (gcu.T @ xm) * scale
     return dx, d_down, d_up
 
 
@@ -170,9 +190,8 @@ class LoRAFunction(torch.autograd.Function):
 
 
 def _silu_grad(e: Tensor, grad: Tensor) -> Tensor:
-    """∂L/∂e for a = silu(e) = e·σ(e): grad·σ(e)·(1 + e·(1 − σ(e)))."""
-    sig = torch.sigmoid(e)
-    return grad * sig * (1 + e * (1 - sig))
+    """∂L/∂e for a = silu(e) = e·σ(e): grad·σ(e)·(1 + e·(1 − σ(e))), as one kernel (aten's silu_backward)."""
+    return torch.ops.aten.silu_backward(grad, e)
 
 
 def is_silu(act) -> bool:

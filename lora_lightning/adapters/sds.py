@@ -112,7 +112,11 @@ class SDSLayer(LoRALayer):
             self.Q_A.zero_()
             self.Q_B.zero_()
             self.sds_active.fill_(False)
-            self.active  # noqa: B018 - refresh the Python-side value
+            self._reread_active()
+
+    def _reread_active(self, *_) -> None:
+        """Refresh the Python-side copy of ``sds_active`` (after a load, a rebalance, a reset)."""
+        self.active  # noqa: B018
 
     @property
     def active(self) -> bool:
@@ -156,7 +160,7 @@ class SDSLayer(LoRALayer):
         q_b, q_a, sigma, _ = balanced_svd(self.lora_B, self.lora_A, self.scaling, self.r)
         self._install(q_b, q_a, sigma)
         self.sds_active.fill_(True)
-        self.active  # noqa: B018 - refresh the Python-side value now (compiled graphs read it)
+        self._reread_active()  # compiled graphs read the Python-side value
 
     @torch.no_grad()
     def refresh(self) -> Tensor:
