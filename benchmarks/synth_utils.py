@@ -2,8 +2,8 @@
 
 Everything here is lora_lightning's own code path except the loop: the layer is built by ``inject_adapters``
 (so it is the same LoRALayer / DoRALayer / SDSLayer a LoRAModule trains), SDS re-balancing and refreshes use
-the layer's ``rebalance()`` / ``refresh()`` with the optimiser moments reset (what ``SDSReorthonormalization``
-does), and ALLoRA's per-row step uses ``ALLoRARescaling.coefficients``. The loss is the teacher's mean squared
+the layer's ``rebalance()`` / ``refresh()`` / ``reorthonormalize()`` on ``SDSReorthonormalization``'s
+``RefreshSchedule``, and ALLoRA's per-row step uses ``ALLoRARescaling.coefficients``. The loss is the teacher's mean squared
 error, (1/(n·out))·‖(W0 + ΔW)·X − Y‖_F².
 """
 
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere: import the checkout
 
 from lora_lightning import AdapterConfig, adapter_layers, inject_adapters  # noqa: E402
+from lora_lightning.callbacks.sds import RefreshSchedule  # noqa: E402
 from lora_lightning.data.synthetic import LowRankTeacher  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -100,21 +101,22 @@ def train(
     return trace
 
 
-def sds_schedule(layer: nn.Module, optimizer: torch.optim.Optimizer, warmup: int, refresh_every: int,
-                 reset_on_refresh: bool = True) -> Callable[[int], None]:
-    """After-step hook with SDSReorthonormalization's schedule: rebalance at ``warmup``, refresh every
-    ``refresh_every`` steps after (0 = never); moments of A and B reset each time (on refresh if asked)."""
+def sds_schedule(layer: nn.Module, optimizer: torch.optim.Optimizer, schedule: "RefreshSchedule",
+                 reset_on_refresh: bool = False, refresh: str = "truncate") -> Callable[[int], None]:
+    """After-step hook doing what ``SDSReorthonormalization`` does: rebalance at ``schedule.warmup_steps`` (moments
+    of A and B cleared), then at ``schedule.due(step)`` ``refresh()`` ("truncate") or ``reorthonormalize()``,
+    clearing the moments again if ``reset_on_refresh``."""
 
     def reset() -> None:
         for p in (layer.lora_A, layer.lora_B):
             optimizer.state.pop(p, None)
 
     def hook(step: int) -> None:
-        if not layer.active and step >= warmup:
+        if not layer.active and step >= schedule.warmup_steps:
             layer.rebalance()
             reset()
-        elif layer.active and refresh_every and (step - warmup) % refresh_every == 0:
-            layer.refresh()
+        elif layer.active and schedule.due(step):
+            layer.refresh() if refresh == "truncate" else layer.reorthonormalize()
             if reset_on_refresh:
                 reset()
 

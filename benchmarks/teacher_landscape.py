@@ -2,6 +2,7 @@
 and weight decay push it to the first.
 
     python benchmarks/teacher_landscape.py            # prints the table, writes docs/teacher_landscape.png
+    python benchmarks/teacher_landscape.py --optimisers Adam+L2     # only the coupled-decay Adam rows
 
 Task (``lora_lightning.data.synthetic``): frozen 64×64 W0, ΔW* of rank 4 (σ = 1, 1, 1, 1), only n = 32 < 64
 training inputs, so every ΔW*·P + N (N·X = 0) fits the training set exactly; the smallest one (Frobenius and
@@ -9,9 +10,11 @@ nuclear norm) is ΔW*·P, rank 4. LoRA r = 16, s = α/r = 1, full-batch training
 mean squared error, from
     zero init:   A kaiming-uniform (PEFT's), B = 0
     large init:  the same A, B ~ N(0, 0.3²)   (‖s·B·A‖_F = 5.6–5.7 at init for seeds 0–2, vs ‖ΔW*‖_F = 2)
-with weight decay λ on A and B (λ/2·(‖A‖²+‖B‖²), a nuclear-norm penalty λ·‖ΔW‖_* at the balanced optimum), for
-two optimisers: GD (plain SGD; its L2 decay is exactly that penalty) and AdamW (decoupled decay: what
-LoRAModule uses).
+with weight decay λ on A and B, for three optimisers: GD (plain SGD; its L2 decay is the penalty λ/2·(‖A‖²+‖B‖²)
+in the loss, which at the balanced optimum is λ·‖ΔW‖_* for s = 1, (λ/s)·‖ΔW‖_* in general), Adam with the same
+coupled L2 penalty ("Adam+L2", LoRAModule's ``weight_decay_mode: coupled``: the same objective, another
+optimiser) and AdamW (decoupled decay, LoRAModule's default: not a penalty in the loss, so the equivalence
+does not apply to it).
 
 Reported at the end, mean ± std over 3 seeds (seed = A/B init): training and held-out MSE, numerical rank
 (#σ > 10⁻³·σ_max) and stable rank of ΔW, ‖ΔW‖_F, ‖ΔW‖_*, distance to ΔW* and to the min-norm interpolant ΔW*·P,
@@ -32,6 +35,8 @@ CONFIGS = [  # (optimiser, lr, init_b_std, weight decays)
     ("GD", 0.5, 0.3, (0.0, 1e-3, 1e-2)),
     ("AdamW", 1e-2, 0.0, (0.0, 1e-2, 1e-1)),
     ("AdamW", 1e-2, 0.3, (0.0, 1e-2, 1e-1)),
+    ("Adam+L2", 1e-2, 0.0, (1e-3,)),  # coupled decay: the penalty λ/2·(‖A‖²+‖B‖²) in the loss, as with GD
+    ("Adam+L2", 1e-2, 0.3, (1e-3,)),
 ]
 
 
@@ -40,6 +45,8 @@ def run(opt_name: str, lr: float, init_b: float, wd: float, seed: int, steps: in
     params = [layer.lora_A, layer.lora_B]
     if opt_name == "GD":
         opt = torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    elif opt_name == "Adam+L2":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)  # λ·p added to the gradient (coupled)
     else:
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     trace = train(layer, teacher.x_train, teacher.y_train, steps, opt, every=50)
@@ -67,6 +74,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--plot", default=str(DOCS / "teacher_landscape.png"))
+    p.add_argument("--optimisers", default="GD,AdamW,Adam+L2", help="rows to run (the plot needs GD)")
     args = p.parse_args()
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -81,6 +89,8 @@ def main() -> None:
     print("| " + " | ".join(heads) + " |\n|" + "---|" * len(heads))
     results = {}
     for opt_name, lr, init_b, decays in CONFIGS:
+        if opt_name not in args.optimisers.split(","):
+            continue
         for wd in decays:
             runs = [run(opt_name, lr, init_b, wd, s, args.steps, teacher) for s in seeds]
             results[(opt_name, init_b, wd)] = runs
@@ -88,6 +98,8 @@ def main() -> None:
             cells = [opt_name, init, f"{wd:g}"] + [mean_std([r[k] for r in runs]) for k in keys]
             print("| " + " | ".join(cells) + " |", flush=True)
 
+    if not any(key[0] == "GD" for key in results):
+        return
     import matplotlib
 
     matplotlib.use("Agg")

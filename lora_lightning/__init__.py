@@ -8,9 +8,11 @@ from .inject import (
     find_task_head,
     inject_adapters,
     merge_adapters,
+    unload_adapters,
     unmerge_adapters,
 )
-from .state import adapter_state_dict, load_adapter, save_adapter
+from .interop import export_merged
+from .state import adapter_state_dict, load_adapter, read_adapter_labels, save_adapter
 
 __version__ = "0.1.0"
 
@@ -33,12 +35,15 @@ __all__ = [
     "LoRAModule",
     "adapter_layers",
     "adapter_state_dict",
+    "export_merged",
     "find_task_head",
     "inject_adapters",
     "load_adapter",
     "merge_adapters",
+    "read_adapter_labels",
     "register_method",
     "save_adapter",
     "scaling_for",
+    "unload_adapters",
     "unmerge_adapters",
 ]

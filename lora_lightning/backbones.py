@@ -26,8 +26,6 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .config import parse_dtype  # noqa: F401 - re-exported: model.dtype is parsed here too
-
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf:"
 PKG_PREFIX = "pkg://"
@@ -92,8 +90,6 @@ def _is_transformers_model(spec: BackboneSpec) -> bool:
     return isinstance(spec, nn.Module) and any(c.__name__ == "PreTrainedModel" for c in type(spec).__mro__)
 
 
-
-
 def _hf_name(spec: str) -> str:
     return resolve_path(spec[len(HF_PREFIX) :] if spec.startswith(HF_PREFIX) else spec)
 
@@ -112,6 +108,18 @@ def _import_class(path: str) -> type:
     return obj
 
 
+STREAMED_CLASSES = ("AutoModelForCausalLM",)
+
+
+def _checkpoint_folder(name: str) -> str:
+    """A local folder holding the transformers checkpoint ``name`` (a path, or the Hub cache / a download)."""
+    if Path(name).is_dir():
+        return name
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(name, allow_patterns=["*.json", "*.safetensors"])
+
+
 def build_backbone(
     spec: BackboneSpec,
     num_classes: int,
@@ -119,11 +127,18 @@ def build_backbone(
     model_class: Optional[str] = "AutoModelForSequenceClassification",
     model_kwargs: Optional[dict[str, Any]] = None,
     dtype: Optional[torch.dtype] = None,
+    quantize: str = "none",
+    quantize_lm_head: bool = False,
 ) -> nn.Module:
     """The model a spec names. transformers specs: ``transformers.<model_class>`` (default
     AutoModelForSequenceClassification) with ``model_kwargs`` (``num_labels`` for a classifier), loaded in
     ``dtype`` (None: torch's default dtype, which follows Lightning's precision init context). timm and
-    class-path specs get a ``num_classes``-way head."""
+    class-path specs get a ``num_classes``-way head.
+
+    ``quantize="nf4"`` with a pretrained causal LM (``STREAMED_CLASSES``) streams the checkpoint with
+    ``quantize.load_quantized``: every frozen linear is stored in NF4 as its weights arrive, so the 16-bit model
+    is never in memory (peak ≈ the 4-bit model + one tensor). Every other case returns the model unquantised
+    (the caller runs ``quantize_model`` after injecting the adapters)."""
     source = backbone_source(spec)
     if isinstance(spec, nn.Module):
         return spec
@@ -144,10 +159,15 @@ def build_backbone(
     from transformers import AutoConfig
 
     name = _hf_name(spec)
-    auto = getattr(transformers, model_class or "AutoModelForSequenceClassification")
+    model_class = model_class or "AutoModelForSequenceClassification"
+    auto = getattr(transformers, model_class)
     kwargs = dict(model_kwargs or {})
     dtype = dtype or torch.get_default_dtype()  # follows Lightning's precision init context ("bf16-true" → bf16)
-    if pretrained:
+    if pretrained and quantize == "nf4" and model_class in STREAMED_CLASSES:
+        from .quantize import load_quantized
+
+        model, _ = load_quantized(auto, _checkpoint_folder(name), dtype, "nf4", quantize_lm_head, **kwargs)
+    elif pretrained:
         model = auto.from_pretrained(name, dtype=dtype, **kwargs)
     else:
         config = AutoConfig.from_pretrained(name, **kwargs)

@@ -53,12 +53,19 @@ class AdapterConfig:
             regex string matched against full names.
         exclude_modules: names/suffixes (or one regex) never adapted.
         modules_to_save: modules trained in full and saved with the adapter; None = the task head
-            detected on the model (classifier / score / timm ``get_classifier()`` ...); [] = none.
+            detected on the model (classifier / score / timm ``get_classifier()`` ...), never a language
+            model's ``lm_head`` (pretrained, often tied to the input embeddings); [] = none.
         init: A's init, "kaiming" (PEFT default) or "gaussian".
         init_b_std: B ~ N(0, init_b_std²) instead of zeros (loss-landscape experiments).
         dtype: dtype of the adapter tensors ("float32", "bfloat16", "float16"); None = the base layer's.
             "float32" over a bf16/fp16 base keeps the trained factors (and so AdamW's moments) in fp32 while
             the frozen base stays small; the layer casts its input up and its output back.
+        eta: ALLoRA's η (method "allora"): the per-row gradient coefficient c_i = 1/√(‖(BA)_i‖ + 1/η²)
+            starts at η (arXiv 2410.09692 §4.2; η = 2 in its listing, η² ∈ {1, 2, 4} in its sweeps).
+        fused: run Linear / Conv1D adapter layers as one autograd Function that keeps only the input for
+            backward (``adapters/functional.py``); False keeps the plain autograd path (for debugging).
+        fused_mlp: with ``fused``, run Llama/Qwen-style gated MLPs whose gate/up/down projections are all
+            adapted as one Function keeping x, gate and up outputs only (``adapters/gated_mlp.py``).
     """
 
     method: str = "lora"
@@ -73,6 +80,9 @@ class AdapterConfig:
     init: str = "kaiming"
     init_b_std: float = 0.0
     dtype: Optional[str] = None
+    eta: float = 2.0
+    fused: bool = True
+    fused_mlp: bool = True
 
     def __post_init__(self) -> None:
         methods = sorted(ADAPTER_METHODS)
@@ -102,6 +112,8 @@ class AdapterConfig:
         if self.init_b_std < 0:
             raise ValueError(f"init_b_std must be ≥ 0 (got {self.init_b_std}); 0 means B = 0 at init")
         parse_dtype(self.dtype)  # names the choices on a typo
+        if not self.eta > 0:
+            raise ValueError(f"eta must be > 0 (got {self.eta}); ALLoRA's paper uses η = 2 (η² ∈ {{1, 2, 4}})")
         if not self.target_modules:
             raise ValueError('target_modules is empty; give module names, a regex, or "all-linear"')
 
@@ -114,6 +126,11 @@ class AdapterConfig:
     def scaling_rule(self) -> str:
         """The scaling rule in force: the explicit ``scaling`` or the method's default."""
         return self.scaling or ADAPTER_METHODS[self.method].scaling
+
+    @property
+    def allora_eta(self) -> Optional[float]:
+        """η of ALLoRA's backward rule for this method's layers, or None when the method does not use it."""
+        return self.eta if ADAPTER_METHODS[self.method].allora_rule else None
 
     @property
     def scale(self) -> float:

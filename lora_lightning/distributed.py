@@ -28,6 +28,15 @@ of A (r×in) and B (out×r): ALLoRA's per-row norms are local. SDS's QR/SVD need
 ranks call it, rank 0 writes); ``load_adapter`` keeps each rank's shard; ``merge_sharded`` merges. Works on
 CPU with gloo (2 processes in the tests) and on GPUs with NCCL.
 
+QLoRA (4-bit frozen bases, ``lora_lightning.quantize``): FSDP2 shards torchao's NF4Tensor as it is (its
+``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` gather the 4-bit codes and scales, not a dense weight, as
+torchtune's QLoRA recipes rely on). NF4 splits along dim 0 only into whole double-quantisation groups: a
+weight is sharded over W ranks when its out-rows divide by W and numel/W is a multiple of 64·group (group = 256
+for Llama/Qwen projections; ``nf4_shardable``).
+A 4-bit weight that does not split (a small projection of a test model) is passed to ``fully_shard`` as an
+``ignored_params`` entry and stays whole and replicated on every rank, as under DDP (4 bits, frozen: no
+gradient to reduce), and its base layer gets no unit of its own, so the adapter layer keeps the fused path.
+
 FSDP1: ``AdapterFSDPStrategy`` (Lightning's ``FSDPStrategy`` with ``adapter_fsdp_policy`` as the default
 auto-wrap policy) for GPU users who stay on FSDP1. Outside forward FSDP1 keeps parameters as flattened 1-D
 shards, so the SDS / ALLoRA callbacks and ``save_adapter`` refuse them with an error pointing to FSDP2;
@@ -47,6 +56,7 @@ from torch import Tensor, nn
 
 from .adapters import AdapterLayer, DoRALayer
 from .inject import adapter_layers
+from .quantize import is_quantized
 from .state import DTensor, full_tensor, is_flat_sharded
 
 try:  # torch >= 2.6; 2.4-2.5 ship it under _composable
@@ -68,14 +78,35 @@ def _block_names(model: nn.Module, block_classes: BlockClasses) -> set[str]:
     return {c if isinstance(c, str) else c.__name__ for c in (block_classes or [])}
 
 
-def fsdp_units(model: nn.Module, block_classes: BlockClasses = "auto") -> list[nn.Module]:
+def nf4_shardable(weight: Tensor, world_size: int) -> bool:
+    """Whether FSDP2 can shard this 4-bit NF4 weight over ``world_size`` ranks (module docstring): whole rows and
+    whole double-quantisation groups (64·``scaler_block_size`` weights) per rank."""
+    if type(weight).__name__ != "NF4Tensor":
+        return False
+    group = weight.block_size * weight.scaler_block_size
+    return weight.shape[0] % world_size == 0 and weight.numel() % (world_size * group) == 0
+
+
+def unshardable_4bit(model: nn.Module, world_size: int) -> set[nn.Parameter]:
+    """4-bit weights FSDP2 cannot shard over ``world_size`` ranks: kept whole (``ignored_params``)."""
+    return {p for p in model.parameters() if is_quantized(p) and not nf4_shardable(p, world_size)}
+
+
+def fsdp_units(
+    model: nn.Module, block_classes: BlockClasses = "auto", ignored: frozenset = frozenset()
+) -> list[nn.Module]:
     """The submodules of ``model`` that get their own FSDP unit, children before parents (see module
     docstring). ``block_classes``: class names (or classes) of blocks to wrap too; "auto" = the
-    ``_no_split_modules`` of transformers models inside ``model``; None = none."""
+    ``_no_split_modules`` of transformers models inside ``model``; None = none. ``ignored``: parameters FSDP
+    leaves alone; a base layer holding nothing else gets no unit."""
     layers = adapter_layers(model).values()
     inside = {id(m) for layer in layers for m in layer.modules() if m is not layer}
     wanted = {id(layer) for layer in layers}
-    wanted |= {id(layer.base) for layer in layers if _base_separable(layer)}
+    wanted |= {
+        id(layer.base)
+        for layer in layers
+        if _base_separable(layer) and any(p not in ignored for p in layer.base.parameters())
+    }
     blocks = _block_names(model, block_classes)
     for m in model.modules():
         own_trainable = any(p.requires_grad for p in m.parameters(recurse=False))
@@ -141,7 +172,10 @@ def shard_adapters(model: nn.Module, mesh: Any, block_classes: BlockClasses = "a
     if any(isinstance(p, DTensor) for p in model.parameters()):
         raise ValueError("model is already sharded (it has DTensor parameters); call shard_adapters once")
     mesh = data_parallel_mesh(mesh)
-    for module in fsdp_units(model, block_classes):
+    ignored = unshardable_4bit(model, mesh.size()) | set(fsdp_kwargs.pop("ignored_params", None) or ())
+    if ignored:
+        fsdp_kwargs["ignored_params"] = ignored
+    for module in fsdp_units(model, block_classes, frozenset(ignored)):
         fully_shard(module, mesh=mesh, **fsdp_kwargs)
     fully_shard(model, mesh=mesh, **fsdp_kwargs)
     return model
@@ -225,5 +259,7 @@ __all__ = [
     "local_part",
     "local_rows",
     "merge_sharded",
+    "nf4_shardable",
     "shard_adapters",
+    "unshardable_4bit",
 ]

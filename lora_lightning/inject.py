@@ -1,16 +1,20 @@
-"""Put adapters into any ``nn.Module``, find them again, freeze the rest, merge and unmerge. Pure torch."""
+"""Put adapters into any ``nn.Module``, find them again, freeze the rest, merge and unmerge, take them out
+again. Pure torch."""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Union
 
 from torch import nn
 
 from .adapters import ADAPTER_METHODS, SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
+from .adapters.gated_mlp import patch_gated_mlps
 from .config import AdapterConfig
 
 HEAD_NAMES = ("classifier", "score", "lm_head", "head", "fc")
@@ -27,15 +31,22 @@ class InjectionReport:
     modules_to_save: list[str]
     trainable_params: int
     total_params: int
+    fused_mlps: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
         saved = ", ".join(self.modules_to_save) or "none"
+        fused = f"; {len(self.fused_mlps)} gated MLPs fused" if self.fused_mlps else ""
         return (
-            f"lora_lightning: {self.method} (s={self.scale:.4g}) on {len(self.adapted)} layers; "
+            f"lora_lightning: {self.method} (s={self.scale:.4g}) on {len(self.adapted)} layers{fused}; "
             f"trained in full: {saved}\n"
             f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({pct:.3f}%)"
         )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
@@ -59,6 +70,20 @@ def find_task_head(model: nn.Module) -> list[str]:
                 heads.append(by_id[id(head)])
     heads += [n for n, _ in model.named_children() if n in HEAD_NAMES]
     return list(dict.fromkeys(heads))
+
+
+def output_embedding_names(model: nn.Module) -> list[str]:
+    """Names of transformers' output embeddings (``get_output_embeddings()``: a language model's ``lm_head``,
+    often tied to the input embeddings). A pretrained vocabulary projection, never a new head: it is excluded
+    from ``all-linear`` and NOT trained in full by default."""
+    fn = getattr(model, "get_output_embeddings", None)
+    if not callable(fn):
+        return []
+    try:
+        head = fn()
+    except Exception:  # noqa: BLE001 - a model may define the getter but not support it
+        return []
+    return [name for name, m in model.named_modules() if name and head is not None and m is head]
 
 
 def _matcher(spec: Union[str, list[str]]):
@@ -140,7 +165,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
             "into the existing adapters"
         )
     heads = find_task_head(model)
-    saved = _validate_modules_to_save(model, heads if config.modules_to_save is None else config.modules_to_save)
+    default_saved = [h for h in heads if h not in output_embedding_names(model)]  # a new head, not lm_head
+    saved = _validate_modules_to_save(model, default_saved if config.modules_to_save is None else config.modules_to_save)
     targets = _resolve_targets(model, config, heads)
     for name in targets:
         if _inside(name, saved):
@@ -159,13 +185,12 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
     for p in model.parameters():
         p.requires_grad_(False)
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, method.layer.from_config(getattr(parent, child), config))
+        _set_submodule(model, name, method.layer.from_config(model.get_submodule(name), config))
     for name in saved:
         for p in model.get_submodule(name).parameters():
             p.requires_grad_(True)
 
+    fused_mlps = patch_gated_mlps(model) if config.fused and config.fused_mlp else []
     resolved = dataclasses.replace(config, target_modules=list(targets), modules_to_save=list(saved))
     object.__setattr__(model, CONFIG_ATTR, resolved)  # a plain attribute, not a submodule
     report = InjectionReport(
@@ -175,6 +200,7 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, verbose: bool = Tru
         modules_to_save=list(saved),
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
+        fused_mlps=fused_mlps,
     )
     if verbose:
         print(report)
@@ -214,3 +240,35 @@ def unmerge_adapters(model: nn.Module) -> int:
     for layer in layers.values():
         layer.unmerge()
     return len(layers)
+
+
+@contextmanager
+def bases_in_place(model: nn.Module) -> Iterator[dict[str, AdapterLayer]]:
+    """Inside the block every adapter layer is swapped for its own base layer, so ``model`` has exactly the
+    bare base model's modules, names and (unmerged) weights; the adapter layers, yielded by name, go back on
+    exit. No tensor is copied or changed (used to save a merged model under the base model's names)."""
+    layers = adapter_layers(model)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer.base)
+    try:
+        yield layers
+    finally:
+        for name, layer in layers.items():
+            _set_submodule(model, name, layer)
+
+
+def unload_adapters(model: nn.Module, merge: bool = True) -> nn.Module:
+    """The inverse of ``inject_adapters``: put every adapter layer's base layer back in its place, with the
+    adapter folded in (``merge=True``: W0 ← W0 + ΔW) or dropped (``merge=False``: the original W0; a merged layer
+    is unmerged first). Parameters keep their ``requires_grad`` flags (the bases stay frozen). Returns ``model``,
+    now a plain base model (``inject_adapters`` can run on it again). A sharded (FSDP2) model is refused, as by
+    ``merge_adapters``; ``lora_lightning.interop.export_merged`` writes its merged weights from rank 0."""
+    if merge:
+        merge_adapters(model)
+    else:
+        unmerge_adapters(model)
+    for name, layer in adapter_layers(model).items():
+        _set_submodule(model, name, layer.base)
+    if hasattr(model, CONFIG_ATTR):
+        object.__delattr__(model, CONFIG_ATTR)
+    return model

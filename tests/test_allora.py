@@ -1,4 +1,5 @@
-"""ALLoRARescaling: per-row coefficients c_i = 1/√(‖θ_i‖ + 1/η²) applied to the update (or gradient)."""
+"""ALLoRARescaling: the paper's backward rule configured and logged (default), and the ablations that apply
+c_i = 1/√(‖θ_i‖ + 1/η²) to the update or the gradient (the layers' own rule switched off for the fit)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ ETA = 2.0
 class UserModule(L.LightningModule):
     """A plain user LightningModule (not LoRAModule) that injects adapters itself. float64 for exact ratios."""
 
-    def __init__(self, make_opt, init_b_std: float = 0.3, manual: bool = False, scaling: str = "none") -> None:
+    def __init__(
+        self, make_opt, init_b_std: float = 0.3, manual: bool = False, scaling: str = "none", method: str = "lora"
+    ) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 3)).double()
-        cfg = AdapterConfig(method="allora", r=2, init_b_std=init_b_std, scaling=scaling)
+        # method "lora" with s = 1: plain LoRA layers (the rule off), so an ablation's effect is all the callback's
+        cfg = AdapterConfig(method=method, r=2, init_b_std=init_b_std, scaling=scaling)
         inject_adapters(self.net, cfg, verbose=False)
         self.make_opt = make_opt
         self.automatic_optimization = not manual
@@ -100,7 +104,7 @@ def adamw(wd=0.1):
 @pytest.mark.parametrize("rows", ["factors", "product"])
 @pytest.mark.parametrize("norm", ["norm", "squared"])
 def test_adamw_update_is_scaled_per_row_by_c(rows, norm):
-    cb = ALLoRARescaling(eta=ETA, rows=rows, norm=norm)
+    cb = ALLoRARescaling(eta=ETA, rows=rows, norm=norm, mode="update")
     d_cb, d_plain, _, coefs, trainer = run_pair(adamw(), cb)
     for k in d_cb:
         assert d_plain[k].abs().min() > 0
@@ -118,8 +122,8 @@ def test_adamw_update_is_scaled_per_row_by_c(rows, norm):
 def test_norm_and_squared_give_different_coefficients():
     module = UserModule(adamw())
     layer = next(iter(adapter_layers(module).values()))
-    c_norm = ALLoRARescaling(norm="norm").coefficients(layer)[1]
-    c_sq = ALLoRARescaling(norm="squared").coefficients(layer)[1]
+    c_norm = ALLoRARescaling(norm="norm", rows="factors", mode="update").coefficients(layer)[1]
+    c_sq = ALLoRARescaling(norm="squared", rows="factors", mode="update").coefficients(layer)[1]
     n = layer.lora_B.detach().norm(dim=1, keepdim=True)
     torch.testing.assert_close(c_norm, 1 / torch.sqrt(n + 0.25))
     torch.testing.assert_close(c_sq, 1 / torch.sqrt(n**2 + 0.25))
@@ -138,7 +142,7 @@ def test_product_rows_include_the_scale():
 @pytest.mark.parametrize("rows", ["factors", "product"])
 def test_zero_rows_get_eta(rows):
     layer = next(iter(adapter_layers(UserModule(adamw(), init_b_std=0.0)).values()))  # B = 0
-    c_a, c_b = ALLoRARescaling(eta=3.0, rows=rows).coefficients(layer)
+    c_a, c_b = ALLoRARescaling(eta=3.0, rows=rows, mode="update").coefficients(layer)
     torch.testing.assert_close(c_b, torch.full_like(c_b, 3.0))
     if rows == "product":  # ΔW = 0: every row of ΔW has norm 0
         torch.testing.assert_close(c_a, torch.full_like(c_a, 3.0))
@@ -146,7 +150,7 @@ def test_zero_rows_get_eta(rows):
 
 @pytest.mark.parametrize("accumulate,manual", [(2, False), (1, True)])
 def test_update_mode_with_accumulation_and_manual_optimisation(accumulate, manual):
-    cb = ALLoRARescaling(eta=ETA)
+    cb = ALLoRARescaling(eta=ETA, rows="factors", mode="update")
     d_cb, d_plain, _, coefs, _ = run_pair(adamw(), cb, accumulate=accumulate, manual=manual)
     for k in d_cb:
         torch.testing.assert_close(d_cb[k], coefs[k] * d_plain[k], rtol=1e-6, atol=1e-14)
@@ -170,9 +174,10 @@ def test_sgd_update_equals_gradient_equals_scaled_gradient():
 
 def test_adamw_weight_decay_scaled_and_unscaled():
     lr, wd = 1e-2, 0.5
-    d_scaled, d_wd, before, coefs, _ = run_pair(adamw(wd), ALLoRARescaling(eta=ETA, weight_decay="scaled"))
-    _, d_nowd, _, _, _ = run_pair(adamw(0.0), ALLoRARescaling(eta=ETA))
-    d_unscaled, _, _, _, _ = run_pair(adamw(wd), ALLoRARescaling(eta=ETA, weight_decay="unscaled"))
+    upd = dict(eta=ETA, mode="update", rows="factors")
+    d_scaled, d_wd, before, coefs, _ = run_pair(adamw(wd), ALLoRARescaling(**upd, weight_decay="scaled"))
+    _, d_nowd, _, _, _ = run_pair(adamw(0.0), ALLoRARescaling(**upd))
+    d_unscaled, _, _, _, _ = run_pair(adamw(wd), ALLoRARescaling(**upd, weight_decay="unscaled"))
     for k in d_scaled:
         decay = -lr * wd * before[k]
         # scaled: decoupled decay is part of the update, so it is rescaled with it
@@ -182,7 +187,7 @@ def test_adamw_weight_decay_scaled_and_unscaled():
 
 
 def test_unscaled_decay_refused_where_not_separable():
-    cb = ALLoRARescaling(weight_decay="unscaled")
+    cb = ALLoRARescaling(weight_decay="unscaled", mode="update")
     module = UserModule(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.1))
     with pytest.raises(ValueError, match="weight_decay='scaled'"):
         fit(module, [cb])
@@ -191,6 +196,8 @@ def test_unscaled_decay_refused_where_not_separable():
 def test_bad_input_and_no_adapters():
     with pytest.raises(ValueError, match="factors, product"):
         ALLoRARescaling(rows="columns")
+    with pytest.raises(ValueError, match="mode='update' or mode='gradient'"):
+        ALLoRARescaling(rows="factors")  # the paper's backward rule has the rows of B·A only
     with pytest.raises(ValueError, match="eta must be > 0"):
         ALLoRARescaling(eta=0)
 
@@ -204,3 +211,70 @@ def test_bad_input_and_no_adapters():
 
     with pytest.raises(ValueError, match="inject_adapters"):
         fit(NoAdapters(), [ALLoRARescaling()])
+
+
+# -- the paper's rule (mode="backward", the default) ------------------------------------------------------------
+def sgd(lr=0.1):
+    return lambda params: torch.optim.SGD(params, lr=lr)
+
+
+def grads_by_hand(module) -> dict[str, torch.Tensor]:
+    x, y = next(iter(loader()))
+    F.mse_loss(module.net(x), y).backward()
+    layers = adapter_layers(module).items()
+    return {f"{n}.{k}": getattr(l, k).grad.clone() for n, l in layers for k in ("lora_A", "lora_B")}
+
+
+def test_default_is_the_papers_rule_in_the_layers_and_logs_its_coefficients():
+    """method=allora: training with the default callback = training without it (the rule is in the layers'
+    backward); the step is −lr × the rule's gradient, not plain LoRA's; the log holds the rule's c."""
+    cb = ALLoRARescaling()
+    assert (cb.eta, cb.rows, cb.norm, cb.mode) == (None, "product", "norm", "backward")
+    with_cb, without = UserModule(sgd(), method="allora"), UserModule(sgd(), method="allora")
+    before = factors(with_cb)
+    c = [layer.allora_coefficients() for layer in adapter_layers(with_cb).values()]
+    trainer = fit(with_cb, [cb])
+    fit(without)
+    rule = grads_by_hand(UserModule(sgd(), method="allora"))
+    plain = grads_by_hand(UserModule(sgd(), method="lora"))
+    after_cb, after = factors(with_cb), factors(without)
+    for k in before:
+        torch.testing.assert_close(after_cb[k], after[k], rtol=0, atol=0)
+        torch.testing.assert_close(after_cb[k] - before[k], -0.1 * rule[k], rtol=1e-9, atol=1e-14)
+        assert not torch.allclose(rule[k], plain[k])
+    flat = torch.cat(c)
+    assert trainer.logged_metrics["allora/coef_mean"].item() == pytest.approx(flat.mean().item(), rel=1e-6)
+    assert trainer.logged_metrics["allora/coef_min"].item() == pytest.approx(flat.min().item(), rel=1e-6)
+    assert all(layer.allora_eta == ETA for layer in adapter_layers(with_cb).values())
+
+
+def test_backward_mode_switches_the_rule_on_for_other_methods_and_restores_it():
+    """On plain LoRA layers (e.g. the paper's ALLoRA+D: LoRA with dropout + the rule) the callback turns the
+    rule on with its η for the fit and off again at teardown."""
+    module = UserModule(sgd(), method="lora")
+    before = factors(module)
+    fit(module, [ALLoRARescaling(eta=3.0)])
+    twin = UserModule(sgd(), method="lora")
+    for layer in adapter_layers(twin).values():
+        layer.set_allora(3.0)
+    rule = grads_by_hand(twin)
+    after = factors(module)
+    for k in before:
+        torch.testing.assert_close(after[k] - before[k], -0.1 * rule[k], rtol=1e-9, atol=1e-14)
+    assert all(layer.allora_eta is None for layer in adapter_layers(module).values())
+
+
+def test_ablation_switches_the_layers_rule_off_for_the_fit():
+    """mode="update" on method=allora layers: the step is c × plain LoRA's step (no double rescaling), and the
+    layers' own rule is back after the fit."""
+    cb = ALLoRARescaling(rows="product", mode="update")
+    with_cb, plain = UserModule(adamw(), method="allora"), UserModule(adamw(), method="lora")
+    plain.load_state_dict(with_cb.state_dict())
+    before, coefs = factors(with_cb), expected_coefs(with_cb, "product")
+    fit(with_cb, [cb])
+    fit(plain)
+    after_cb, after_plain = factors(with_cb), factors(plain)
+    for k in before:
+        torch.testing.assert_close(after_cb[k] - before[k], coefs[k] * (after_plain[k] - before[k]), rtol=1e-6,
+                                   atol=1e-14)
+    assert all(layer.allora_eta == ETA for layer in adapter_layers(with_cb).values())

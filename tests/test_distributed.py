@@ -1,7 +1,7 @@
 """Multi-device training on CPU processes (gloo): DDP and FSDP2 (ModelParallelStrategy) against one process.
 
 Two launches of this file as a script (``python tests/test_distributed.py ddp|fsdp OUT``), each a
-2-process Lightning run that trains every method (LoRA, DoRA, SDS, ALLoRA) for STEPS steps with a
+2-process Lightning run that trains every registered method (ADAPTER_METHODS) for STEPS steps with a
 per-device batch of BATCH // 2 and writes what every rank holds to OUT; the tests compare it with
 1-process runs (batch BATCH) computed here, in the pytest process, while the workers run.
 
@@ -40,10 +40,12 @@ from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lora_lightning import (  # noqa: E402
+    ADAPTER_METHODS,
     AdapterConfig,
     LoRAModule,
     adapter_layers,
     adapter_state_dict,
+    export_merged,
     load_adapter,
     merge_adapters,
 )
@@ -51,7 +53,7 @@ from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, SDSReor
 from lora_lightning.distributed import merge_sharded  # noqa: E402
 from lora_lightning.state import full_tensor, save_adapter  # noqa: E402
 
-METHODS = ("lora", "dora", "sds", "allora")
+METHODS = tuple(sorted(ADAPTER_METHODS))  # every registered method: none escapes the parity checks
 N, BATCH, STEPS = 24, 8, 6  # 2 epochs of 3 global batches of 8 (resume at the epoch boundary, step 3)
 TOL = 1e-10
 WORLD = 2
@@ -113,6 +115,18 @@ def full_state(model) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().clone() for k, v in adapter_state_dict(model).items()}
 
 
+def sharded_bert():
+    """A tiny BERT with trained-looking DoRA adapters (the same on every rank: seeded), to be sharded."""
+    from tiny_models import randomize_adapters, tiny_bert
+
+    from lora_lightning import inject_adapters
+
+    model = tiny_bert()
+    inject_adapters(model, AdapterConfig(method="dora", r=2, target_modules=["query", "value", "dense"]), verbose=False)
+    randomize_adapters(model, seed=0)
+    return model
+
+
 # -- the worker ---------------------------------------------------------------------------------------------
 def strategy_from(config: str):
     """(a function making a fresh strategy, devices) from the trainer section of configs/<config>."""
@@ -125,17 +139,26 @@ def strategy_from(config: str):
     return (lambda: cls(**spec.get("init_args", {}))), section["devices"]
 
 
-def count_writes() -> list[int]:
-    """A counter of the adapter files this rank writes (wraps ``save_file`` as lora_lightning.state calls it)."""
+def count_writes(module=None) -> list[int]:
+    """A counter of what this rank writes: adapter directories (``write_directory`` where save_adapter, both
+    formats, and AdapterCheckpoint call it) or, given ``module``, the files its ``save_file`` writes (interop:
+    merged exports)."""
+    import lora_lightning.callbacks.adapter_checkpoint as adapter_checkpoint
     import lora_lightning.state as state
 
-    count, save = [0], state.save_file
+    count = [0]
 
-    def counting(*args, **kwargs):
-        count[0] += 1
-        return save(*args, **kwargs)
+    def wrap(real):
+        def counting(*args, **kwargs):
+            count[0] += 1
+            return real(*args, **kwargs)
 
-    state.save_file = counting
+        return counting
+
+    if module is None:
+        state.write_directory = adapter_checkpoint.write_directory = wrap(state.write_directory)
+    else:
+        module.save_file = wrap(module.save_file)
     return count
 
 
@@ -145,6 +168,9 @@ def worker(kind: str, out: Path) -> None:
     torch.set_num_threads(1)
     strategy, devices = strategy_from(f"{kind}.yaml")
     writes = count_writes()
+    import lora_lightning.interop as interop
+
+    export_writes = count_writes(interop)  # merged models
     results: dict = {}
     for method in METHODS:
         callbacks = method_callbacks(method)
@@ -165,6 +191,8 @@ def worker(kind: str, out: Path) -> None:
         if method == "allora":  # this rank's rows only under FSDP2
             entry["coef"] = {n: ALLoRARescaling().coefficients(layer) for n, layer in layers.items()}
         save_adapter(mod.model, out / f"{kind}_{method}")
+        save_adapter(mod.model, out / f"{kind}_{method}_peft", format="peft")  # gathered, rank 0 writes
+        export_merged(mod.model, out / f"{kind}_{method}_merged")
         if kind == "fsdp":
             with torch.no_grad():
                 for v in adapter_state_dict(mod.model).values():
@@ -187,7 +215,14 @@ def worker(kind: str, out: Path) -> None:
     mod = module("sds")
     t.fit(mod, train_dataloaders=loader(BATCH // WORLD, "sds"), ckpt_path=out / f"{kind}_ckpt" / "step=3.ckpt")
     results["resumed"] = {"state": full_state(mod.model), "global_step": t.global_step}
+    if kind == "fsdp":  # a transformers model sharded by hand: merged export through save_pretrained on rank 0
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from lora_lightning.distributed import shard_adapters
+
+        export_merged(shard_adapters(sharded_bert(), init_device_mesh("cpu", (WORLD,))), out / "fsdp_bert_merged")
     results["writes"] = writes[0]
+    results["export_writes"] = export_writes[0]
     torch.save(results, out / f"{kind}_rank{t.global_rank}.pt")
     torch.distributed.barrier()  # rank 0 exits only once every rank has written its results
 
@@ -246,6 +281,7 @@ def reference(tmp_path_factory) -> dict:
             "bases": {n: (layer.Q_A.clone(), layer.Q_B.clone()) for n, layer in layers.items() if method == "sds"},
             "coef": {n: ALLoRARescaling().coefficients(layer) for n, layer in layers.items()},
             "file": save_adapter(mod.model, out / method),
+            "peft": save_adapter(mod.model, out / f"{method}_peft", format="peft"),
             "base": {n: layer.base.weight.detach().clone() for n, layer in layers.items()},
         }
         merge_adapters(mod.model)
@@ -364,7 +400,8 @@ def test_fsdp2_load_adapter_and_merge_sharded(fsdp, reference, method):
 def test_adapter_files_written_once_complete_and_equal_to_one_process(kind, reference, request):
     run = request.getfixturevalue(kind)
     r0, r1 = run["ranks"]
-    assert (r0["writes"], r1["writes"]) == (len(METHODS) + 1, 0)  # 4 save_adapter + AdapterCheckpoint: rank 0 only
+    # per method one save_adapter in each format, + AdapterCheckpoint's last/: rank 0 only
+    assert (r0["writes"], r1["writes"]) == (2 * len(METHODS) + 1, 0)
     for method in METHODS:
         got_dir, ref_dir = run["out"] / f"{kind}_{method}", reference[method]["file"]
         got, want = load_file(got_dir / "adapter_model.safetensors"), load_file(ref_dir / "adapter_model.safetensors")
@@ -374,6 +411,55 @@ def test_adapter_files_written_once_complete_and_equal_to_one_process(kind, refe
         )
     last = load_file(run["out"] / f"{kind}_adapter_ckpt" / "last" / "adapter_model.safetensors")
     assert_states_close(last, r0["lora"]["state"], 0.0)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_peft_and_merged_exports_written_once_and_equal_to_one_process(kind, reference, request):
+    run = request.getfixturevalue(kind)
+    r0, r1 = run["ranks"]
+    assert (r0["export_writes"], r1["export_writes"]) == (len(METHODS), 0)  # merged: rank 0 only, once each
+    for method in METHODS:
+        ref, out = reference[method], run["out"] / f"{kind}_{method}"
+        got = load_file(out.with_name(out.name + "_peft") / "adapter_model.safetensors")
+        assert_states_close(got, load_file(ref["peft"] / "adapter_model.safetensors"), tol(method))
+        assert json.loads((out.with_name(out.name + "_peft") / "adapter_config.json").read_text()) == json.loads(
+            (ref["peft"] / "adapter_config.json").read_text()
+        )
+        merged = load_file(out.with_name(out.name + "_merged") / "model.safetensors")
+        assert set(merged) == set(tiny_net().state_dict())  # the bare model's names, whole tensors
+        for name, weight in ref["merged"].items():
+            torch.testing.assert_close(merged[f"{name}.weight"].to(weight.dtype), weight, rtol=0, atol=tol(method))
+        torch.testing.assert_close(merged["classifier.weight"], ref["state"]["classifier.weight"], rtol=0,
+                                   atol=tol(method))  # fmt: skip
+
+
+@pytest.mark.multiprocess
+def test_export_merged_of_a_sharded_transformers_model_reloads_with_the_same_logits(fsdp):
+    from tiny_models import token_batch
+    from transformers import AutoModelForSequenceClassification
+
+    batch = token_batch()
+    with torch.no_grad():
+        want = sharded_bert()(**batch).logits  # the same model, unsharded, in this process
+        got = AutoModelForSequenceClassification.from_pretrained(fsdp["out"] / "fsdp_bert_merged")(**batch).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (fsdp["ranks"][0]["export_writes"], fsdp["ranks"][1]["export_writes"]) == (len(METHODS), 0)
+
+
+@pytest.mark.multiprocess
+def test_export_reads_the_sharded_checkpoint_directory(ddp, fsdp, reference):
+    from lora_lightning.export import load_checkpoint
+
+    loaded = {}
+    for kind, run in (("ddp", ddp), ("fsdp", fsdp)):  # the same training: a .ckpt file and a DCP directory
+        mod = module("sds")
+        mod.configure_model()
+        load_checkpoint(mod, run["out"] / f"{kind}_ckpt" / "step=3.ckpt")
+        loaded[kind] = full_state(mod.model)
+    assert_states_close(loaded["fsdp"], loaded["ddp"], TOL)
+    init = reference["sds"]["init"]
+    assert max((loaded["fsdp"][k].double() - init[k].double()).abs().max().item() for k in init) > 0.05
 
 
 @pytest.mark.multiprocess

@@ -149,73 +149,67 @@ def test_dora_starts_at_base_and_magnitude_is_the_row_norm(kind):
 
 
 class CountWeightMatmuls(TorchDispatchMode):
-    """Counts matmuls/convolutions in which the given weight multiplies something (not as an addend)."""
+    """Counts matmuls/convolutions in which the given weight multiplies the given input (the base matmul), and
+    records the output sizes of the other products the weight enters (DoRA's W0·Aᵀ for the row norms)."""
 
     OPERANDS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.addmm.default: (1, 2),
-                aten.convolution.default: (1,)}
+                aten.convolution.default: (0, 1)}
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, x: torch.Tensor) -> None:
         super().__init__()
-        self.ptr, self.count = weight.untyped_storage().data_ptr(), 0
+        self.ptr, self.x_ptr = weight.untyped_storage().data_ptr(), x.untyped_storage().data_ptr()
+        self.count, self.other_sizes = 0, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for i in self.OPERANDS.get(func, ()):
-            if isinstance(args[i], torch.Tensor) and args[i].untyped_storage().data_ptr() == self.ptr:
+        out = func(*args, **(kwargs or {}))
+        ptrs = [args[i].untyped_storage().data_ptr() for i in self.OPERANDS.get(func, ())
+                if isinstance(args[i], torch.Tensor)]
+        if self.ptr in ptrs:
+            if self.x_ptr in ptrs:
                 self.count += 1
-        return func(*args, **(kwargs or {}))
+            else:
+                self.other_sizes.append(out.numel())
+        return out
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
 def test_dora_forward_multiplies_by_the_base_weight_once(kind):
+    """One base matmul over the tokens; the only other product with W0 is the out×r W0·Aᵀ of the row norms."""
     layer, x = make_layer(kind)
     layer.dropout = nn.Dropout(0.1)  # PEFT's DoRA runs the base twice when dropout is on
     layer.train()
-    with CountWeightMatmuls(layer.base.weight) as counter:
+    with CountWeightMatmuls(layer.base.weight, x) as counter:
         layer(x)
     assert counter.count == 1
-    with CountWeightMatmuls(layer.base.weight) as counter:
+    assert counter.other_sizes == [layer.out_features * layer.r]  # nothing weight-sized
+    with CountWeightMatmuls(layer.base.weight, x) as counter:
         layer.base(x)
     assert counter.count == 1  # the counter does see the base op
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
-def test_dora_merge_unmerge_exact(kind):
-    layer, x = make_layer(kind)
+def test_dora_factored_norm_equals_the_dense_norm(kind):
+    """n_i from ‖W0_i‖² (cached) + 2s·rowsum((W0·Aᵀ)⊙B) + s²·rowsum((B·(A·Aᵀ))⊙B) = ‖W0 + s·B·A‖_row to 1e-5
+    relative, including an all-zero row (W0_i = 0, B_i = 0) and a large-norm row; the cache follows W0."""
+    layer, _ = make_layer(kind)
+    w = layer.base.weight
     with torch.no_grad():
-        layer.magnitude[0] = 0.0  # a row that merge zeroes must still come back
-    w0 = layer.base.weight.detach().clone()
-    with torch.no_grad():
-        y = layer(x)
-        delta = layer.delta_weight()
-        layer.merge()
-        assert layer.merged
-        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer.base.weight, w0 + delta, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(layer.delta_weight(), delta, rtol=1e-5, atol=1e-5)  # also while merged
-        layer.merge()  # idempotent
-        layer.unmerge()
-        layer.unmerge()
-    assert not layer.merged
-    torch.testing.assert_close(layer.base.weight, w0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
-
-
-def test_dora_dropout_only_on_low_rank_path_in_training_and_off_in_eval():
-    layer, x = make_layer("linear")
-    reference = layer(x).detach()
-    layer.dropout = nn.Dropout(0.5)
-    layer.eval()
-    torch.testing.assert_close(layer(x), reference)
-    layer.train()
-    torch.manual_seed(3)
-    y = layer(x)
-    torch.manual_seed(3)
-    x_drop = layer.dropout(x)
-    w0 = layer.base.weight
-    expected = (layer.magnitude / (w0 + layer.scaling * layer.lora_B @ layer.lora_A).norm(dim=1)) * (
-        x @ w0.T + layer.scaling * (x_drop @ layer.lora_A.T) @ layer.lora_B.T
-    ) + layer.base.bias
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+        rows = w.T if kind == "conv1d" else w  # row i of the out×in view
+        rows[0].zero_()
+        layer.lora_B[0].zero_()
+        rows[1].mul_(1e4)
+    dense = layer._matrix(w) + layer.scaling * layer.lora_B @ layer.lora_A
+    want = dense.detach().double().norm(dim=1).clamp_min(1e-12)
+    got = layer.weight_norm()
+    assert got.dtype == torch.float32 and got[0] == 1e-12 and want[1] > 100 * want[2:].max()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(layer.weight_norm(layer._matrix(w)).double(), want, rtol=1e-5, atol=0)
+    with torch.no_grad():  # an in-place change of W0 (a load, a merge) refreshes the cached ‖W0_i‖²
+        w.mul_(2.0)
+    want2 = (layer._matrix(w) + layer.scaling * layer.lora_B @ layer.lora_A).detach().double().norm(dim=1)
+    torch.testing.assert_close(layer.weight_norm().double(), want2.clamp_min(1e-12), rtol=1e-5, atol=0)
+    layer.load_state_dict(layer.state_dict())
+    assert layer._w0_sq is None  # loads clear it explicitly too
 
 
 def test_inject_dora_registers_method_and_trains_magnitude():

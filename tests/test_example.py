@@ -31,10 +31,10 @@ def test_own_module_example_learns_and_its_adapter_reloads_exactly(example, tmp_
 
     losses = torch.tensor(module.train_losses)
     assert len(losses) == 60
-    assert losses[-10:].mean() < losses[:10].mean() - 0.1  # 0.70 -> 0.45 measured
-    assert float(trainer.callback_metrics["val_acc"]) > 0.75  # 0.89 measured; chance 0.5
-    coef = float(trainer.callback_metrics["allora/coef_mean"])  # ALLoRARescaling acted on the user's optimiser
-    assert 0 < coef < 2.0  # η = 2 at zero rows; rows grew, so their step shrank
+    assert losses[-10:].mean() < losses[:10].mean() - 0.1  # 0.70 -> 0.42 measured
+    assert float(trainer.callback_metrics["val_acc"]) > 0.75  # 0.91 measured; chance 0.5
+    coef = float(trainer.callback_metrics["allora/coef_mean"])  # the layers' ALLoRA coefficients, logged
+    assert 0 < coef < 2.0  # η = 2 at zero rows; rows grew, so their gradient scale shrank
     monitor = next(cb for cb in trainer.callbacks if isinstance(cb, AdapterMonitor))
     assert len(monitor.last_stats) == len(module.report.adapted) == 13  # 2 × 6 Linear + the pooler
     assert all(s["stable_rank"] >= 1 for s in monitor.last_stats.values())

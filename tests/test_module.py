@@ -20,7 +20,14 @@ from lora_lightning import (
     inject_adapters,
     load_adapter,
 )
-from lora_lightning.callbacks import AdapterCheckpoint, ALLoRARescaling, DropoutRemoval
+from lora_lightning.callbacks import (
+    AdapterCheckpoint,
+    ALLoRARescaling,
+    DropoutRemoval,
+    GradientFlowCheck,
+    NonFiniteGuard,
+    SupervisionCheck,
+)
 
 
 def token_loader(n: int = 8, batch_size: int = 4, vocab: int = 30):
@@ -140,6 +147,43 @@ def test_param_groups_decay_only_matrices_and_lr_defaults():
     assert all(g["weight_decay"] == 0.0 for g in no_decay.param_groups())
 
 
+def test_coupled_weight_decay_is_the_gradient_of_the_l2_penalty():
+    """weight_decay_mode="coupled": the gradient Adam sees is that of L + λ/2·Σ‖p‖² over the decayed matrices
+    (its first moment after one step is (1 − β1)·that gradient), and the step equals a penalty-in-the-loss step;
+    "decoupled" (AdamW) is a different step."""
+    lam, beta1 = 0.3, 0.9
+    x, y = next(iter(tensor_loader()))
+
+    def stepped(mode: str, penalty: bool):
+        module = _net_module(weight_decay=0.0 if penalty else lam, weight_decay_mode=mode)
+        module.configure_model()
+        opt = module.optimizer()
+        decayed = [p for g in module.param_groups() if g["name"] in ("adapter", "head") for p in g["params"]]
+        with torch.no_grad():  # B ≠ 0, so every factor has a non-zero gradient and decay
+            for layer in adapter_layers(module.model).values():
+                layer.lora_B.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+        loss = nn.functional.cross_entropy(module.model(x), y)
+        if penalty:
+            loss = loss + lam / 2 * sum(p.pow(2).sum() for p in decayed)
+        loss.backward()
+        grads = {id(p): p.grad.clone() for p in decayed}
+        opt.step()
+        return module, opt, decayed, grads
+
+    coupled, opt, decayed, _ = stepped("coupled", penalty=False)
+    assert type(opt) is torch.optim.Adam and {g["weight_decay"] for g in opt.param_groups} == {0.0, lam}
+    loss_penalty, _, decayed_p, penalty_grads = stepped("coupled", penalty=True)
+    for p, q in zip(decayed, decayed_p):
+        torch.testing.assert_close(opt.state[p]["exp_avg"], (1 - beta1) * penalty_grads[id(q)], rtol=1e-6, atol=1e-9)
+    for p, q in zip(coupled.parameters(), loss_penalty.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-8)
+    decoupled, opt_w, decayed_w, _ = stepped("decoupled", penalty=False)
+    assert type(opt_w) is torch.optim.AdamW
+    assert max((p - q).abs().max() for p, q in zip(decayed, decayed_w)) > 1e-4
+    with pytest.raises(ValueError, match="decoupled, coupled"):
+        _net_module(weight_decay_mode="l2")
+
+
 def test_warmup_then_cosine_schedule():
     module = _net_module(warmup=0.25, min_lr_ratio=0.1)
     f = module.lr_factor(total_steps=100)
@@ -162,14 +206,20 @@ def test_configure_model_is_idempotent():
 
 
 def test_method_callbacks_added_unless_present():
+    safety = [NonFiniteGuard, GradientFlowCheck, SupervisionCheck]  # every method: on by default
     module = _net_module()
     module.trainer = cpu_trainer()
-    assert module.configure_callbacks() == []  # plain LoRA needs none
+    assert [type(c) for c in module.configure_callbacks()] == safety  # plain LoRA needs no method callback
+    assert module.configure_callbacks()[0].mode == "stop"
     allora = _net_module(adapter=AdapterConfig(method="allora", r=2))
     allora.trainer = cpu_trainer()
-    assert [type(c) for c in allora.configure_callbacks()] == [ALLoRARescaling, DropoutRemoval]
-    allora.trainer = cpu_trainer(callbacks=[ALLoRARescaling(eta=4.0)])
-    assert [type(c) for c in allora.configure_callbacks()] == [DropoutRemoval]  # the user's own instance wins
+    assert [type(c) for c in allora.configure_callbacks()] == [ALLoRARescaling, DropoutRemoval, *safety]
+    allora.trainer = cpu_trainer(callbacks=[ALLoRARescaling(eta=4.0), NonFiniteGuard(mode="skip")])
+    # the user's own instances win
+    assert [type(c) for c in allora.configure_callbacks()] == [DropoutRemoval, GradientFlowCheck, SupervisionCheck]
+    off = _net_module(nonfinite="ignore", checks=False)
+    off.trainer = cpu_trainer()
+    assert off.configure_callbacks() == []
 
 
 def test_sds_method_trains_through_its_callback():
@@ -185,16 +235,24 @@ def test_sds_method_trains_through_its_callback():
             torch.testing.assert_close(q.T @ q, torch.eye(2), atol=1e-5, rtol=0)
 
 
-def test_allora_method_rescales_updates():
-    """method=allora in LoRAModule: s = 1 and the first AdamW step of B is η × the plain one."""
-    plain = _net_module(adapter=AdapterConfig(method="lora", r=2, scaling="none"), warmup=0, scheduler="constant")
-    allora = _net_module(adapter=AdapterConfig(method="allora", r=2), warmup=0, scheduler="constant")
+def test_allora_method_rescales_gradients_and_takes_the_papers_base_lr():
+    """method=allora in LoRAModule: s = 1, lr=None gives DEFAULT_LR["lora"] / η (the paper's base LR l_b), and
+    the rule is in the backward: at B = 0 every c_i = η, so B's gradient is η × plain LoRA's (s = 1)."""
+    from lora_lightning.module import DEFAULT_LR
+
+    assert _net_module(lr=None, adapter=AdapterConfig(method="allora", r=2)).lr == DEFAULT_LR["lora"] / 2
+    assert _net_module(lr=None, adapter=AdapterConfig(method="allora", r=2, eta=4.0)).lr == DEFAULT_LR["lora"] / 4
+    assert _net_module(lr=None, adapter=AdapterConfig(method="lora", r=2, scaling="none")).lr == DEFAULT_LR["none"]
+    plain = _net_module(adapter=AdapterConfig(method="lora", r=2, scaling="none"))
+    allora = _net_module(adapter=AdapterConfig(method="allora", r=2))
+    x, y = next(iter(tensor_loader()))
     for m in (plain, allora):
-        cpu_trainer(max_steps=1).fit(m, train_dataloaders=tensor_loader())
-    for (name, a), b in zip(adapter_layers(allora.model).items(), adapter_layers(plain.model).values()):
-        assert a.scaling == 1.0
-        # B = 0 before the step, so every row of B has c = 1/√(0 + 1/η²) = η = 2
-        torch.testing.assert_close(a.lora_B, 2.0 * b.lora_B, rtol=1e-5, atol=1e-7)
+        m.configure_model()
+        nn.functional.cross_entropy(m.model(x), y).backward()
+    for a, b in zip(adapter_layers(allora.model).values(), adapter_layers(plain.model).values()):
+        assert a.scaling == 1.0 and a.allora_eta == 2.0 and b.allora_eta is None
+        assert torch.count_nonzero(b.lora_B.grad) > 0
+        torch.testing.assert_close(a.lora_B.grad, 2.0 * b.lora_B.grad)
 
 
 class PlainUserModule(LightningModule):
@@ -230,6 +288,21 @@ def test_adapter_checkpoint_on_a_plain_lightning_module(tmp_path):
     untrained = tiny_net()
     assert not torch.allclose(untrained(x), module.net(x), atol=1e-4)
     assert (tmp_path / "best" / "adapter_model.safetensors").is_file()
+
+
+def test_adapter_checkpoint_in_peft_format_loads_in_peft(tmp_path):
+    from peft import PeftModel
+
+    module = PlainUserModule()
+    callback = AdapterCheckpoint(dirpath=tmp_path, format="peft")
+    cpu_trainer(max_steps=3, callbacks=[callback]).fit(module, tensor_loader())
+    theirs = PeftModel.from_pretrained(tiny_net(), tmp_path / "last")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), module.net(x), rtol=0, atol=1e-5)  # adapters and the trained head
+        assert not torch.allclose(tiny_net()(x), module.net(x), atol=1e-4)
+    with pytest.raises(ValueError, match="format must be one of lora_lightning, peft"):
+        AdapterCheckpoint(format="merged")
 
 
 def test_adapter_checkpoint_without_adapters_names_the_fix(tmp_path):

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lora_lightning import AdapterConfig, adapter_layers, inject_adapters, load_adapter, save_adapter
 from lora_lightning.adapters import SDSLayer, export_as_lora
-from lora_lightning.callbacks.sds import SDSReorthonormalization, sds_layers
+from lora_lightning.callbacks.sds import RefreshSchedule, SDSReorthonormalization, sds_layers
 
 
 def make_layer(kind: str, r: int = 3) -> tuple[SDSLayer, torch.Tensor]:
@@ -114,6 +114,64 @@ def test_refresh_is_the_best_rank_r_retraction(kind):
             if kind == "linear":  # ‖(ΔW_before − ΔW_after)·x‖ ≤ ‖·‖_F ‖x‖ for every token
                 gap = (y - layer(x)).norm(dim=-1)
                 assert (gap <= err * x.norm(dim=-1) + 1e-5).all()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_reorthonormalize_keeps_a_and_b_and_gives_their_orthonormal_bases(kind):
+    layer, x = make_layer(kind)
+    layer.rebalance()
+    q_a, q_b = layer.Q_A.clone(), layer.Q_B.clone()
+    with torch.no_grad():
+        y = layer(x)
+        assert layer.reorthonormalize() < 1e-5  # right after a rebalance the bases are already orth(Aᵀ), orth(B)
+        torch.testing.assert_close(layer.Q_A, q_a, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer.Q_B, q_b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    perturb(layer, seed=4)
+    a, b = layer.lora_A.clone(), layer.lora_B.clone()
+    with torch.no_grad():
+        before = layer.delta_matrix()
+        change = layer.reorthonormalize()
+        torch.testing.assert_close(layer.lora_A, a, rtol=0, atol=0)  # the factors are untouched
+        torch.testing.assert_close(layer.lora_B, b, rtol=0, atol=0)
+        assert_orthonormal(layer.Q_A)
+        assert_orthonormal(layer.Q_B)
+        # Q_B spans B's columns and Q_A A's rows, in Gram–Schmidt order: Q_Bᵀ·B upper triangular, diagonal ≥ 0
+        torch.testing.assert_close(layer.Q_B @ (layer.Q_B.T @ b), b, rtol=0, atol=1e-5)
+        torch.testing.assert_close(a @ layer.Q_A @ layer.Q_A.T, a, rtol=0, atol=1e-5)
+        for m in (layer.Q_B.T @ b, layer.Q_A.T @ a.T):
+            torch.testing.assert_close(m, torch.triu(m), rtol=0, atol=1e-5)
+            assert (torch.diagonal(m) >= 0).all()
+        # ΔW is not preserved; the returned number is exactly how much it moved
+        moved = torch.linalg.matrix_norm(layer.delta_matrix() - before)
+        assert moved > 1e-2
+        torch.testing.assert_close(change, moved, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(layer.delta_matrix(),
+                                   layer.scaling * (layer.Q_B @ a + b @ layer.Q_A.T), rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="rebalance"):
+        make_layer("linear")[0].reorthonormalize()
+
+
+def test_refresh_schedules_list_their_steps():
+    assert RefreshSchedule(4, refresh_every=5).steps(20) == [9, 14, 19]
+    assert RefreshSchedule(4, refresh_every=0).steps(50) == []  # never
+    # phased: P = 3 phases of 4 steps after warm-up 2; phase k refreshes every k steps, then every P steps
+    assert RefreshSchedule(2, phases=3, phase_steps=4).steps(22) == [3, 4, 5, 6, 8, 10, 13, 16, 19, 22]
+    assert RefreshSchedule(0, phases=5, phase_steps=1).steps(15) == [1, 9, 14]  # 1-step phases: then every 5th
+    with pytest.raises(ValueError, match="phase_steps"):
+        RefreshSchedule(2, phases=3)
+
+    class Run:  # what _build_schedule reads of a Trainer
+        estimated_stepping_batches = 60
+
+    cb = SDSReorthonormalization(warmup_steps=10, schedule="phased", phases=5)
+    assert cb._build_schedule(Run()) == RefreshSchedule(10, phases=5, phase_steps=10)  # (60 − 10)/5
+    Run.estimated_stepping_batches = float("inf")
+    with pytest.raises(ValueError, match="phase_steps"):
+        cb._build_schedule(Run())
+    every = SDSReorthonormalization(warmup_steps=3, refresh_every=7)
+    assert every._build_schedule(Run()) == RefreshSchedule(3, refresh_every=7)
+    assert SDSReorthonormalization(schedule="phased", phase_steps=8)._build_schedule(Run()).phase_steps == 8
 
 
 def test_gradients_go_through_the_bases_only():
@@ -294,7 +352,8 @@ def test_callback_schedule_moment_reset_and_logging(monkeypatch, accumulate):
     logger, probe = RecordingLogger(), Probe()
     trainer = pl.Trainer(
         max_steps=15, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=1,
-        accumulate_grad_batches=accumulate, callbacks=[SDSReorthonormalization(warmup_steps=4, refresh_every=5), probe],
+        accumulate_grad_batches=accumulate, callbacks=[SDSReorthonormalization(warmup_steps=4, refresh_every=5, reset_moments_on_refresh=True),
+                   probe],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     module = TinyModule()
@@ -325,10 +384,64 @@ def test_callback_schedule_moment_reset_and_logging(monkeypatch, accumulate):
         assert_orthonormal(layer.Q_B)
 
 
+def test_callback_phased_reorthonormalize_keeps_the_moments(monkeypatch):
+    """The [reading] options: re-orthonormalise-only refreshes on the phased schedule, Adam's moments of A and B
+    cleared at the warm-up switch only (the default); the logged change is the layers' max and mean."""
+    CALLS.clear()
+    reorthonormalize = SDSLayer.reorthonormalize
+
+    def spy(self):
+        change = reorthonormalize(self)
+        CALLS.append(("reorthonormalize", float(change)))
+        return change
+
+    monkeypatch.setattr(SDSLayer, "reorthonormalize", spy)
+    monkeypatch.setattr(SDSLayer, "refresh", lambda self: pytest.fail("the truncating refresh must not run"))
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(0))
+    data = DataLoader(TensorDataset(x, torch.sin(x[:, :3] * 2) + x[:, 3:]), batch_size=8)
+    logger, probe = RecordingLogger(), Probe()
+    sds = SDSReorthonormalization(warmup_steps=2, refresh="reorthonormalize", schedule="phased", phases=2, phase_steps=3)
+    trainer = pl.Trainer(
+        max_steps=12, accelerator="cpu", devices=1, logger=logger, log_every_n_steps=1, callbacks=[sds, probe],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(TinyModule(), data)
+
+    steps = probe.steps
+    refreshed = [t for t in range(1, 13) if len(steps[t]["calls"]) > len(steps[t - 1]["calls"] if t > 1 else [])]
+    assert refreshed == [3, 4, 5, 7, 9, 11] == sds.schedule.steps(12)
+    assert all(len(steps[t]["calls"]) - len(steps[t - 1]["calls"]) == 2 for t in refreshed)  # both layers
+    # moments: cleared once at the rebalance (step 2), then kept through every refresh
+    assert steps[1]["a_state_step"] == 1 and steps[2]["a_state_step"] is None
+    assert [steps[t]["a_state_step"] for t in range(3, 13)] == list(range(1, 11))
+    logged = [row for row in logger.rows if "sds/reorthonormalize_change" in row]
+    changes = [c for _, c in CALLS]
+    assert len(logged) == 6 and max(changes) > 0
+    for row, pair in zip(logged, zip(changes[::2], changes[1::2])):
+        assert row["sds/reorthonormalize_change"] == pytest.approx(max(pair), rel=1e-6)
+        assert row["sds/reorthonormalize_change_mean"] == pytest.approx(sum(pair) / 2, rel=1e-6)
+
+
 def test_callback_needs_sds_layers_and_valid_schedule():
     with pytest.raises(ValueError, match="refresh_every=0 disables"):
         SDSReorthonormalization(refresh_every=-1)
+    with pytest.raises(ValueError, match="truncate, reorthonormalize"):
+        SDSReorthonormalization(refresh="qr")
+    with pytest.raises(ValueError, match="every, phased"):
+        SDSReorthonormalization(schedule="cosine")
     plain = pl.LightningModule()
     plain.net = tiny_net()
     with pytest.raises(ValueError, match="method='sds'"):
         SDSReorthonormalization().on_train_start(None, plain)
+
+
+def test_loading_the_flag_is_seen_also_by_compiled_graphs():
+    """A load of ``sds_active`` refreshes the Python-side value that torch.compile reads (no eager forward needed)."""
+    torch.manual_seed(0)
+    src, dst = SDSLayer(torch.nn.Linear(6, 5), r=2, scaling=1.0), SDSLayer(torch.nn.Linear(6, 5), r=2, scaling=1.0)
+    with torch.no_grad():
+        src.lora_B.normal_()
+    src.rebalance()
+    assert src._active_value and not dst._active_value
+    dst.load_state_dict(src.state_dict())
+    assert dst._active_value

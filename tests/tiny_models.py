@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 
@@ -23,6 +24,51 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager",
     )
     return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama_v100(seed: int = 0):
+    """A 2-layer, 32-wide Llama over a 100-token vocabulary (the interop tests' token batches)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def quantizable_llama(seed: int = 0, vocab: int = 96, hidden: int = 128, inter: int = 256, layers: int = 2, tie: bool = False):
+    """A tiny bf16 Llama for the QLoRA tests: every projection NF4-storable (q/o/gate/up/down whole groups of 64·256
+    weights, k/v 128 blocks), gate/up/down splittable over 2 FSDP2 ranks, the lm_head (kept dense) 96×128."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+class TinyConvNet(nn.Module):
+    """Two Conv2d layers (one strided, padded) and a linear head: x (N×3×12×12) → N×4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean((2, 3)))
+
+
+def tiny_convnet(seed: int = 0) -> TinyConvNet:
+    torch.manual_seed(seed)
+    return TinyConvNet().eval()
 
 
 def token_batch(batch: int = 4, seq: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:

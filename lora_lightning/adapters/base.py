@@ -11,13 +11,34 @@ so that   y = base(x) + s · U · D · dropout(x).
 Subclasses only say what D and U are (``factors()``): plain LoRA returns (A, B) with k = r; SDS-LoRA
 returns ([A; Q_Aᵀ], [Q_B, B]) with k = 2r. Everything else (forward, ``delta_weight``, ``merge``,
 ``unmerge``, the monitor's spectra, state I/O) is shared and uses only this interface.
+
+Two training-time options every layer carries (``adapters/functional.py`` has the math):
+
+- ``fused`` (default True): on Linear / Conv1D the whole layer runs as one autograd Function (``LoRAFunction``):
+  the low-rank term is added into the base output in place and only the input (plus a 1-byte dropout mask)
+  is kept for backward. It applies when W0 is frozen, unsharded and has no hooks of its own; otherwise, with
+  ``fused=False`` and on Conv2d, the layer runs the plain path ``base(x) + s·U·D·dropout(x)`` (autograd ops).
+- ``allora_eta`` (None = off): ALLoRA's backward rule (arXiv 2410.09692, §4.2, listing F): the gradient of
+  the adapter output is multiplied per output row by c_i = 1/√(‖(s·U·D)_i‖ + 1/η²) before the gradients of
+  D and U are formed; the input gradient is not rescaled. Method "allora" turns it on with η =
+  ``AdapterConfig.eta``; it lives in the layer's backward, so any loop, accumulation, AMP, DDP and FSDP2 get it.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..quantize import dense_weight, dequantize
+from .functional import NORMS, ALLoRAConv2dFunction, LoRAFunction, allora_coefficients, apply_mask, dropout_mask
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - builds without torch.distributed
+    DTensor = ()
 
 SUPPORTED_BASE_TYPES = "nn.Linear, transformers Conv1D, nn.Conv2d (groups=1)"
 
@@ -54,7 +75,18 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
 class AdapterLayer(nn.Module):
     """Frozen ``base`` + ``s · U · D · dropout(x)``; subclasses define ``factors() -> (D, U)``."""
 
-    def __init__(self, base: nn.Module, scaling: float, dropout: float = 0.0) -> None:
+    #: whether ``forward`` may use the fused Function (DoRA has its own forward and sets False)
+    fusable: bool = True
+
+    def __init__(
+        self,
+        base: nn.Module,
+        scaling: float,
+        dropout: float = 0.0,
+        fused: bool = True,
+        allora_eta: Optional[float] = None,
+        allora_norm: str = "norm",
+    ) -> None:
         super().__init__()
         kind = base_kind(base)
         if kind is None:
@@ -67,8 +99,21 @@ class AdapterLayer(nn.Module):
         self.scaling = float(scaling)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
         self.merged = False
+        self.fused = bool(fused)
+        self.allora_eta: Optional[float] = None
+        self.allora_norm = "norm"
+        self.set_allora(allora_eta, allora_norm)
         for p in base.parameters():
             p.requires_grad_(False)
+
+    def set_allora(self, eta: Optional[float], norm: str = "norm") -> None:
+        """Turn ALLoRA's backward rule on (η > 0) or off (None); ``norm``: "norm" (the paper) or "squared"."""
+        if eta is not None and not eta > 0:
+            raise ValueError(f"ALLoRA's eta must be > 0 (got {eta}); the paper's listing uses η = 2 (η² ∈ {{1, 2, 4}})")
+        if norm not in NORMS:
+            raise ValueError(f"unknown ALLoRA norm {norm!r}; choose one of {', '.join(NORMS)}")
+        self.allora_eta = None if eta is None else float(eta)
+        self.allora_norm = norm
 
     # -- what a method defines ------------------------------------------------------------------
     def factors(self) -> tuple[Tensor, Tensor]:
@@ -87,22 +132,64 @@ class AdapterLayer(nn.Module):
             return F.conv2d(h, up[:, :, None, None])
         return F.linear(h, up)
 
+    def _dropout_p(self) -> float:
+        """The dropout rate in force now (0 in eval mode or without dropout)."""
+        d = self.dropout
+        return d.p if d is not None and d.training and d.p > 0 else 0.0
+
+    def allora_coefficients(self, down: Optional[Tensor] = None, up: Optional[Tensor] = None) -> Tensor:
+        """ALLoRA's c (out,) from the current factors (``allora_eta`` must be set)."""
+        if down is None:
+            down, up = self.factors()
+        return allora_coefficients(down, up, self.scaling, self.allora_eta, self.allora_norm)
+
     def adapter_output(self, x: Tensor) -> Tensor:
         """s · U · D · dropout(x) (the scale is applied on the k-dim intermediate, the cheapest place)."""
         down, up = self.factors()
-        if self.dropout is not None:
-            x = self.dropout(x)
-        if x.dtype != down.dtype and not torch.is_autocast_enabled():
+        p = self._dropout_p()
+        if self.allora_eta is not None and torch.is_grad_enabled():
+            coef = self.allora_coefficients(down, up)
+            if self.kind == "conv2d":
+                return ALLoRAConv2dFunction.apply(apply_mask(x, dropout_mask(x, p), p) if p else x, down, up, coef,
+                                                  self.scaling, self.base)
+            mask = dropout_mask(x, p) if p else None
+            return LoRAFunction.apply(x, None, None, down, up, mask, coef, self.scaling, p, self.kind)
+        if p:
+            x = apply_mask(x, dropout_mask(x, p), p)
+        if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(down.dtype)
         h = self._down(x, down)
         if self.scaling != 1.0:
             h = h * self.scaling
         return self._up(h, up)
 
+    def _fusable_now(self) -> bool:
+        """Whether ``forward`` can run the fused Function: Linear / Conv1D with a frozen, unsharded W0 (under
+        FSDP2 ``base`` is its own unit and gets gathered only by its own forward) and no hooks on ``base``."""
+        if not (self.fused and self.fusable) or self.kind == "conv2d":
+            return False
+        base, w = self.base, self.base.weight
+        if isinstance(w, DTensor) or w.requires_grad or base._forward_hooks or base._forward_pre_hooks:
+            return False
+        if base_kind(base) is None:  # wrapped (FSDP1)
+            return False
+        bias = getattr(base, "bias", None)
+        return bias is None or not bias.requires_grad
+
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         if self.merged:
-            return out
+            return self.base(x)
+        if self._fusable_now():
+            down, up = self.factors()
+            p = self._dropout_p()
+            mask = dropout_mask(x, p) if p else None
+            coef = None
+            if self.allora_eta is not None and torch.is_grad_enabled():
+                coef = self.allora_coefficients(down, up)
+            return LoRAFunction.apply(
+                x, self.base.weight, self.base.bias, down, up, mask, coef, self.scaling, p, self.kind
+            )
+        out = self.base(x)
         return out + self.adapter_output(x).to(out.dtype)
 
     def delta_matrix(self) -> Tensor:
@@ -121,15 +208,25 @@ class AdapterLayer(nn.Module):
         return self.to_base_layout(self.delta_matrix())
 
     @torch.no_grad()
+    def merged_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The merged weight W0 + ΔW in the base layout, computed without touching the layer (what ``merge``
+        would write; the base weight itself when already merged), in ``dtype`` (None: the base's compute dtype).
+        A 4-bit W0 is dequantised first, straight to ``dtype``, and ΔW added there."""
+        w = dequantize(self.base.weight, dtype)
+        return w.detach().clone() if self.merged else w + self.delta_weight().to(w.dtype)
+
+    @torch.no_grad()
     def merge(self) -> None:
         """W0 ← W0 + ΔW; forward then runs the base layer alone. Idempotent."""
         if not self.merged:
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
+            weight = dense_weight(self.base)  # a 4-bit W0 is dequantised first: ΔW would round away
+            weight.add_(self.delta_weight().to(weight.dtype))
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """W0 ← W0 − ΔW (the inverse of ``merge``). Idempotent."""
+        """W0 ← W0 − ΔW (the inverse of ``merge``). Idempotent. A W0 that was 4-bit stays dense (the dequantised
+        W0 up to float rounding): re-quantising is ``quantize_model``'s job, never a side effect."""
         if self.merged:
             self.base.weight.sub_(self.delta_weight().to(self.base.weight.dtype))
             self.merged = False
@@ -139,4 +236,6 @@ class AdapterLayer(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("base.")}
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, in={self.in_features}, out={self.out_features}, scaling={self.scaling:.4g}"
+        allora = f", allora_eta={self.allora_eta:g}" if self.allora_eta is not None else ""
+        fused = ", fused" if self.fused and self.fusable and self.kind != "conv2d" else ""
+        return f"{self.kind}, in={self.in_features}, out={self.out_features}, scaling={self.scaling:.4g}{allora}{fused}"

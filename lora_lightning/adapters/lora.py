@@ -7,7 +7,8 @@ Scaling rules (``scaling_for``):
     "lora"        s = α / r                 (Hu et al. 2021)
     "rslora"      s = α / √r                (Kalajdzievski 2023, rank-stabilised)
     "lora_alpha"  s = C·√r / r = C / √r     (LoRA-α: α = C·√r, C default 256)
-    "none"        s = 1                     (ALLoRA: scale-free)
+    "none"        s = 1                     (ALLoRA: scale-free; its per-row rule is in the backward, see
+                                             ``AdapterLayer.allora_eta`` and ``functional.py``)
 
 Gradients (G = ∂L/∂W): ∂L/∂B = s·G·Aᵀ and ∂L/∂A = s·Bᵀ·G. B = 0 at init gives ΔW = 0, so the adapted
 model starts exactly at the base model.
@@ -16,10 +17,12 @@ model starts exactly at the base model.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..quantize import is_quantized
 from .base import AdapterLayer
 
 SCALING_RULES = ("lora", "rslora", "lora_alpha", "none")
@@ -45,7 +48,8 @@ class LoRALayer(AdapterLayer):
     ``init`` sets A: "kaiming" (kaiming-uniform with a=√5, PEFT's default) or "gaussian" (N(0, 1/r²),
     PEFT's "gaussian"). ``init_b_std`` > 0 draws B ~ N(0, init_b_std²) instead of zeros (for the
     loss-landscape experiments; the model then no longer starts at the base). ``dtype``: the factors' dtype
-    (None = the base weight's; e.g. float32 factors over a bf16 base).
+    (None = the base weight's, float32 over a 4-bit base; e.g. float32 factors over a bf16 base). ``fused``,
+    ``allora_eta`` and ``allora_norm``: see ``AdapterLayer``.
     """
 
     def __init__(
@@ -57,10 +61,15 @@ class LoRALayer(AdapterLayer):
         init: str = "kaiming",
         init_b_std: float = 0.0,
         dtype: torch.dtype | None = None,
+        fused: bool = True,
+        allora_eta: Optional[float] = None,
+        allora_norm: str = "norm",
     ) -> None:
-        super().__init__(base, scaling, dropout)
+        super().__init__(base, scaling, dropout, fused=fused, allora_eta=allora_eta, allora_norm=allora_norm)
         self.r = r
-        factory = {"device": base.weight.device, "dtype": dtype or base.weight.dtype}
+        if dtype is None:  # QLoRA: fp32 factors over a 4-bit base; otherwise the base weight's dtype
+            dtype = torch.float32 if is_quantized(base.weight) else base.weight.dtype
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, **factory))
         self.init = init
@@ -70,7 +79,10 @@ class LoRALayer(AdapterLayer):
     @classmethod
     def from_config(cls, base: nn.Module, config) -> "LoRALayer":
         """Build from an ``AdapterConfig`` (how ``inject_adapters`` creates every layer)."""
-        return cls(base, config.r, config.scale, config.dropout, config.init, config.init_b_std, config.torch_dtype)
+        return cls(
+            base, config.r, config.scale, config.dropout, config.init, config.init_b_std, config.torch_dtype,
+            fused=config.fused, allora_eta=config.allora_eta,
+        )
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -5,9 +5,13 @@ from .adapter_checkpoint import AdapterCheckpoint
 from .allora import ALLoRARescaling
 from .dropout import DropoutRemoval
 from .generation import GenerationSamples
+from .gradient_flow import GradientFlowCheck, GradientFlowError
 from .monitor import AdapterMonitor
+from .nonfinite import NonFiniteGuard, NonFiniteLossError
 from .predictions import CompletionWriter
 from .sds import SDSReorthonormalization
+from .step_checkpoint import StepCheckpoint
+from .supervision import NoSupervisionError, SupervisionCheck
 
 __all__ = [
     "ALLoRARescaling",
@@ -16,5 +20,12 @@ __all__ = [
     "CompletionWriter",
     "DropoutRemoval",
     "GenerationSamples",
+    "GradientFlowCheck",
+    "GradientFlowError",
+    "NoSupervisionError",
+    "NonFiniteGuard",
+    "NonFiniteLossError",
     "SDSReorthonormalization",
+    "StepCheckpoint",
+    "SupervisionCheck",
 ]

@@ -1,32 +1,37 @@
-"""ALLoRA's per-row learning-rate rescaling (Huang & Balestriero 2024, arXiv 2410.09692).
+"""ALLoRA (Huang & Balestriero 2024, arXiv 2410.09692): configure, ablate and log its per-row rescaling.
 
-For every row θ_i of an adapter factor, with the weights *before* the step,
+The paper's rule (§4.2 and Listing 1 of Appendix F) is a backward rule of the layer: for output row i of ΔW = B·A
+(s = 1: ALLoRA is scale-free, no dropout, LoRA's init),
 
-    c_i = 1 / √(‖θ_i‖ + 1/η²)          (norm="norm", default)
-    c_i = 1 / √(‖θ_i‖² + 1/η²)         (norm="squared")
+    c_i = 1 / √(‖(BA)_{i,:}‖ + 1/η²)          (the norm, not squared; c_i = η while BA = 0)
 
-so c_i = η at θ_i = 0 (LoRA's starting step with η = α/r, default 2) and c_i shrinks as the row grows.
+multiplies δ = ∂L/∂(adapter output) per output channel before A's and B's gradients are formed
+(grad_B = (c⊙δ)ᵀ·(A·x), grad_A = (Bᵀ·(c⊙δ))ᵀ·x); the gradient to the input x is not rescaled; the norms come
+from the weights of the current forward. It lives in the adapter layer (``AdapterLayer.allora_eta``,
+``adapters/functional.py``), switched on by ``AdapterConfig(method="allora", eta=2)``, so a plain torch loop,
+gradient accumulation, AMP, DDP and FSDP2 get it with no callback. Whatever optimiser follows sees these
+gradients (the paper does not name it). Note that Adam(W) divides a gradient by its running RMS, so a factor
+c that stayed constant would cancel; under Adam only the change of c over training acts.
 
-Rows (``rows``):
-    "factors" (default)  rows of A (r×in: r rows of length in) and rows of B (out×r: out rows of length r),
-                         each with its own c_i.
-    "product"            θ_i = row i of ΔW = s·B·A (= B·A under ALLoRA's s = 1), its norm from the r×r Gram
-                         ‖(BA)_i‖² = B_i·(A·Aᵀ)·B_iᵀ (no out×in matrix). Row i of B only feeds row i of ΔW,
-                         so B's row i gets c_i. Every row of A feeds every row of ΔW, so no per-row choice is
-                         exact; A gets one scalar, mean_i c_i (= η at init, where all c_i = η). [ours]
+This callback configures it and logs it:
 
-Where c is applied (``mode``) [ours]:
-    "update" (default)   on the optimiser's update: θ_new = θ_old + c ⊙ (θ_stepped − θ_old), via torch
-                         optimizer step pre/post hooks (works with any loop, gradient accumulation, manual
-                         optimisation; the pre-hook fires before Lightning's closure runs forward/backward,
-                         which does not move the weights). The optimiser's state (Adam moments) sees the raw
-                         gradients and gradient clipping the raw norm; only the step taken is rescaled, i.e.
-                         c is a per-row learning-rate factor.
-    "gradient"           grad ← c ⊙ grad just before the step (Lightning's ``on_before_optimizer_step``,
-                         after accumulation and AMP unscaling, before gradient clipping, so clipping sees
-                         the rescaled gradient; the moments then accumulate c ⊙ grad). Equal to "update"
-                         for plain SGD; with Adam a row-constant factor largely cancels in m/√v, which is
-                         why "update" is the default.
+    mode="backward" (default: the paper's rule)  sets η (and ``norm``) on every adapter layer at fit start (the
+                         layers' own η when ``eta`` is None) and restores the previous setting at teardown; on
+                         layers of another method (e.g. "lora" with dropout 0.05: the paper's "ALLoRA+D") it
+                         switches the rule on. Needs ``rows="product"`` (the paper's rows).
+
+Ablations [ours, not the paper's rule], applied by the callback while the layers' backward rule is switched off
+for the fit (restored at teardown):
+
+    rows="factors"       c_i from the rows of A (r×in) and of B (out×r) separately (A starts at c ≈ 1, not η).
+    rows="product"       c_i from the rows of ΔW = s·B·A (from the r×r Gram, no out×in matrix); B's row i gets
+                         c_i, A (whose rows feed every row of ΔW) one scalar, mean_i c_i.
+    mode="update"        c applied to the optimiser's update: θ_new = θ_old + c ⊙ (θ_stepped − θ_old), via torch
+                         optimizer step pre/post hooks (any loop, accumulation, manual optimisation; the moments see
+                         the raw gradients): c is a per-row learning-rate factor.
+    mode="gradient"      grad ← c ⊙ grad just before the step (``on_before_optimizer_step``: after accumulation and
+                         AMP unscaling, before clipping), from the weights after the last micro-batch.
+    norm="squared"       c_i = 1/√(‖θ_i‖² + 1/η²) (any mode).
 
 Weight decay (``weight_decay``, "update" mode only):
     "scaled" (default)   decoupled decay (AdamW) is part of the update, so it is rescaled by c_i too;
@@ -36,32 +41,33 @@ Weight decay (``weight_decay``, "update" mode only):
                          the decay is separable from the update: decoupled decay (AdamW,
                          Adam(decoupled_weight_decay=True)) or SGD without momentum; anything else with
                          weight_decay > 0 is refused at fit start.
-    In "gradient" mode the optimiser applies its own decay after the rescaled gradient (AdamW: unscaled;
-    L2: added to the rescaled gradient, so unscaled too); the option is ignored there.
 
-Only ``lora_A`` and ``lora_B`` are rescaled (DoRA's ``magnitude`` and any head keep the plain update).
-Logs ``allora/coef_mean``: the mean of the coefficients of every rescaled row at the last step.
+Logs ``allora/coef_mean`` and ``allora/coef_min`` once per optimizer step: over every row of ΔW of every layer
+(backward mode; from the weights the step's forward passes used) or over every rescaled row (ablations).
 
-Multi-device: under DDP every rank rescales identical parameters identically. Under FSDP2 the factors are
-DTensors sharded along dim 0, so every rank holds whole rows of A (r×in) and B (out×r): with "factors" the
-coefficients and the rescaled update are computed on the local rows (no communication; ``coef_mean`` is
-then over rank 0's rows); "product" gathers A and B (r×(in+out) values) for the Gram and the mean. FSDP1's
+Multi-device: under DDP every rank rescales identical parameters identically. Under FSDP2 the backward rule runs
+inside each layer's forward/backward on the gathered factors; the logged coefficients and "product" rows gather
+A and B (r×(in+out) values); "factors" works on the local rows (whole rows: FSDP2 shards along dim 0). FSDP1's
 flattened shards are refused (use FSDP2 or DDP).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
+from typing_extensions import override
 
 from ..distributed import check_not_flat_sharded, full_tensor, local_part, local_rows
 from ..inject import adapter_layers
 
 ROWS = ("factors", "product")
 NORMS = ("norm", "squared")
-MODES = ("update", "gradient")
+MODES = ("backward", "update", "gradient")
 WEIGHT_DECAY = ("scaled", "unscaled")
+DEFAULT_ETA = 2.0  # the paper's listing
 
 
 def _check(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -76,33 +82,63 @@ def _decay_is_separable(optimizer: torch.optim.Optimizer, group: dict) -> bool:
 
 
 class ALLoRARescaling(Callback):
-    """Per-row rescaling c_i = 1/√(‖θ_i‖ + 1/η²) of the adapter updates (see module docstring)."""
+    """ALLoRA's per-row coefficients c_i = 1/√(‖θ_i‖ + 1/η²): the paper's backward rule (default) or an ablation
+    (see module docstring).
+
+    Args:
+        eta: η; None = each layer's own (``AdapterConfig.eta`` for method "allora"), else 2 (the paper's listing).
+        rows: "product" (rows of ΔW: the paper) or "factors" (rows of A and B; ablation modes only).
+        norm: "norm" (the paper) or "squared".
+        mode: "backward" (the paper: in the layers' backward), "update" or "gradient" (ablations).
+        weight_decay: "scaled" or "unscaled" (mode "update" only).
+
+    Example::
+
+        trainer = L.Trainer(callbacks=[ALLoRARescaling(eta=2.0)])                 # the paper's rule
+        trainer = L.Trainer(callbacks=[ALLoRARescaling(rows="factors", mode="update")])  # an ablation
+    """
 
     def __init__(
         self,
-        eta: float = 2.0,
-        rows: str = "factors",
+        eta: Optional[float] = None,
+        rows: str = "product",
         norm: str = "norm",
-        mode: str = "update",
+        mode: str = "backward",
         weight_decay: str = "scaled",
     ) -> None:
-        if not eta > 0:
+        if eta is not None and not eta > 0:
             raise ValueError(f"ALLoRARescaling: eta must be > 0 (got {eta}); the paper's default is 2")
         _check("rows", rows, ROWS)
         _check("norm", norm, NORMS)
         _check("mode", mode, MODES)
         _check("weight_decay", weight_decay, WEIGHT_DECAY)
-        self.eta, self.rows, self.norm, self.mode, self.weight_decay = float(eta), rows, norm, mode, weight_decay
+        if mode == "backward" and rows != "product":
+            raise ValueError(
+                "ALLoRARescaling: mode='backward' (the paper's rule) scales the gradient per row of ΔW = B·A, i.e. "
+                f"rows='product'; rows={rows!r} is an ablation for mode='update' or mode='gradient'"
+            )
+        self.eta = None if eta is None else float(eta)
+        self.rows, self.norm, self.mode, self.weight_decay = rows, norm, mode, weight_decay
         self._targets: dict[int, list[tuple[nn.Parameter, nn.Module, int, dict]]] = {}
+        self._layers: list[tuple[nn.Module, Optional[float], str]] = []  # (layer, its η, its norm) at fit start
         self._handles: list = []
         self._pending: dict[int, list] = {}
-        self._coef_mean: Tensor | None = None
+        self._logged: Optional[tuple[Tensor, Tensor]] = None
+
+    def _eta_for(self, layer: nn.Module) -> float:
+        if self.eta is not None:
+            return self.eta
+        for saved, eta, _ in self._layers:
+            if saved is layer:
+                return eta if eta is not None else DEFAULT_ETA
+        eta = getattr(layer, "allora_eta", None)
+        return eta if eta is not None else DEFAULT_ETA
 
     # -- the math -------------------------------------------------------------------------------
     @torch.no_grad()
     def coefficients(self, layer: nn.Module) -> tuple[Tensor, Tensor]:
         """(c_A of shape r×1, c_B of shape out×1) from the layer's current lora_A, lora_B (under FSDP2: for
-        the rows this rank holds)."""
+        the rows this rank holds). With rows="product", c_B are the paper's coefficients (rows of s·B·A)."""
         dtype = torch.float64 if layer.lora_A.dtype == torch.float64 else torch.float32
         if self.rows == "factors":
             A, B = local_rows(layer.lora_A.detach()).to(dtype), local_rows(layer.lora_B.detach()).to(dtype)
@@ -110,12 +146,18 @@ class ALLoRARescaling(Callback):
         else:  # the Gram needs every row of A, the mean every row of B: whole matrices
             A, B = full_tensor(layer.lora_A.detach()).to(dtype), full_tensor(layer.lora_B.detach()).to(dtype)
             sq_b = ((B @ (A @ A.T)) * B).sum(1).clamp_min(0) * layer.scaling**2
-        coef = lambda sq: (sq if self.norm == "squared" else sq.sqrt()).add(self.eta**-2).rsqrt()  # noqa: E731
+        eta = self._eta_for(layer)
+        coef = lambda sq: (sq if self.norm == "squared" else sq.sqrt()).add(eta**-2).rsqrt()  # noqa: E731
         c_b = coef(sq_b)
         if self.rows == "factors":
             return coef(sq_a)[:, None], c_b[:, None]
         c_a = c_b.mean().expand(A.shape[0]).contiguous()
         return local_part(c_a, layer.lora_A)[:, None], local_part(c_b, layer.lora_B)[:, None]
+
+    def _remember(self, coefs: list[Tensor]) -> None:
+        if coefs:
+            flat = torch.cat([c.flatten().float() for c in coefs])
+            self._logged = (flat.mean(), flat.min())
 
     def _coefficients_for(self, optimizer: torch.optim.Optimizer) -> list[tuple[nn.Parameter, Tensor, dict]]:
         cache: dict[int, tuple[Tensor, Tensor]] = {}
@@ -124,8 +166,7 @@ class ALLoRARescaling(Callback):
             if id(layer) not in cache:
                 cache[id(layer)] = self.coefficients(layer)
             out.append((p, cache[id(layer)][i].to(p.dtype), group))
-        if out:
-            self._coef_mean = torch.cat([c.flatten().float() for _, c, _ in out]).mean()
+        self._remember([c for _, c, _ in out])
         return out
 
     # -- "update" mode: torch optimizer step hooks ------------------------------------------------
@@ -146,16 +187,19 @@ class ALLoRARescaling(Callback):
                 new -= (1 - c) * decay * old
             rows.copy_(new)
 
-    # -- "gradient" mode ------------------------------------------------------------------------
+    # -- "gradient" mode; "backward" mode logging -------------------------------------------------
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if self.mode != "gradient":
-            return
-        for p, c, _ in self._coefficients_for(getattr(optimizer, "_optimizer", optimizer)):
-            if p.grad is not None:
-                local_rows(p.grad).mul_(c)
+        if self.mode == "backward":  # the step's forward passes used these weights: log their coefficients
+            self._remember([self.coefficients(layer)[1] for layer, _, _ in self._layers])
+        elif self.mode == "gradient":
+            for p, c, _ in self._coefficients_for(getattr(optimizer, "_optimizer", optimizer)):
+                if p.grad is not None:
+                    local_rows(p.grad).mul_(c)
 
     # -- Lightning hooks ------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
         check_not_flat_sharded(pl_module, "ALLoRARescaling")
@@ -165,6 +209,11 @@ class ALLoRARescaling(Callback):
                 f"ALLoRARescaling found no adapter layers with lora_A/lora_B in {type(pl_module).__name__}; "
                 "call inject_adapters(...) on the model (or use LoRAModule) before fitting"
             )
+        self._layers = [(layer, layer.allora_eta, layer.allora_norm) for layer in layers.values()]
+        for layer in layers.values():  # backward: the layers apply the rule; ablations: the callback does
+            layer.set_allora(self._eta_for(layer) if self.mode == "backward" else None, self.norm)
+        if self.mode == "backward":
+            return
         for opt in trainer.optimizers:
             group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
             targets = [
@@ -195,15 +244,21 @@ class ALLoRARescaling(Callback):
                 "pass the adapter parameters to the optimizer in configure_optimizers"
             )
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._coef_mean is not None:
-            pl_module.log("allora/coef_mean", self._coef_mean, on_step=True, on_epoch=False)
-            self._coef_mean = None
+        if self._logged is not None:
+            mean, low = self._logged
+            pl_module.log("allora/coef_mean", mean, on_step=True, on_epoch=False)
+            pl_module.log("allora/coef_min", low, on_step=True, on_epoch=False)
+            self._logged = None
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
-        self._handles, self._targets, self._pending = [], {}, {}
+        for layer, eta, norm in self._layers:  # the layers' own setting, as before the fit
+            layer.set_allora(eta, norm)
+        self._handles, self._targets, self._pending, self._layers = [], {}, {}, []

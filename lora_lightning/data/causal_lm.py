@@ -196,7 +196,9 @@ class CausalLMDataModule(SplitDataModule):
         picked = pick_splits(cleaned, train, val, test, h.val_fraction, h.seed)
         picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
         if h.val_size is not None:
+            same = picked["test"] is picked["val"]
             picked["val"] = seeded_subset(picked["val"], h.val_size, h.seed)
+            picked["test"] = picked["val"] if same else picked["test"]
         return picked
 
     # -- tokenising ---------------------------------------------------------------------------------

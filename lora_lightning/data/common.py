@@ -1,20 +1,28 @@
 """Shared by the datamodules: load a DatasetDict from a hub name, a folder or local files; pick the
-train/val/test splits (a seeded split of train when there is no validation split); a seeded subset."""
+train/val/test splits (a seeded split of train when there is no validation split); a seeded subset.
+Bad rows (rows.py) and label vocabularies (labels.py) have their own modules."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from .labels import check_num_classes, encode_labels, label_values, label_vocabulary
+from .rows import BadDataError
 
 FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def load_files(files: dict[str, str]) -> DatasetDict:
-    """Local csv / tsv (tab-separated, via the csv builder) / json / jsonl / parquet files, one per split."""
+    """Local csv / tsv (tab-separated, via the csv builder) / json / jsonl / parquet files, one per split. Each file
+    is read on its own, so a file that cannot be parsed (a row with too many fields, a json type clash) is a
+    ``BadDataError`` naming that file and the parser's reason (with its line number)."""
     suffixes = {Path(f).suffix.lower() for f in files.values()}
     unknown = suffixes - set(FILE_BUILDERS)
     if unknown:
@@ -25,8 +33,19 @@ def load_files(files: dict[str, str]) -> DatasetDict:
     for f in files.values():
         if not Path(f).is_file():
             raise FileNotFoundError(f"data file {f} not found (relative paths start at the working directory)")
+    builder = builders.pop()
     kwargs = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
-    return load_dataset(builders.pop(), data_files={k: str(v) for k, v in files.items()}, **kwargs)
+    splits = {}
+    for split, f in files.items():
+        try:
+            splits[split] = load_dataset(builder, data_files={split: str(f)}, split=split, **kwargs)
+        except DatasetGenerationError as err:
+            cause = err.__cause__ or err
+            raise BadDataError(
+                f"{f} cannot be read as {Path(f).suffix.lower()[1:]}: {type(cause).__name__}: {cause}. "
+                "Fix or delete that line (every row needs the header's columns, one value type per column)"
+            ) from err
+    return DatasetDict(splits)
 
 
 def load_any(dataset: str, config: Optional[str] = None) -> DatasetDict:
@@ -73,34 +92,74 @@ def seeded_subset(ds: Dataset, size: Optional[int], seed: int) -> Dataset:
     return ds.shuffle(seed=seed).select(range(size))
 
 
-def string_label_ids(ds: Dataset, column: str) -> Optional[dict[str, int]]:
-    """For a label column of strings: {name: id} over the sorted names; None for integer / ClassLabel labels."""
-    if column not in ds.column_names:
-        raise ValueError(f"label column {column!r} not found; columns: {', '.join(ds.column_names)}")
-    if getattr(ds.features[column], "dtype", None) in ("string", "large_string"):
-        return {name: i for i, name in enumerate(sorted(set(ds[column])))}
-    return None
-
-
-def check_labels(labels: Iterable[int], num_classes: Optional[int], split: str) -> None:
-    labels = list(labels)
-    if not labels:
-        raise ValueError(f"the {split} split is empty")
-    low, high = min(labels), max(labels)
-    if low < 0 or (num_classes is not None and high >= num_classes):
-        raise ValueError(
-            f"{split} labels span {low}..{high} but num_classes={num_classes}; set model.num_classes to the "
-            f"number of classes (labels must be 0..C-1; unlabelled splits such as GLUE test use -1)"
-        )
-
-
 class SplitDataModule(LightningDataModule):
     """Dataloaders over ``self.splits`` ("train", "val", "test") with ``self.collate``; the subclass's
-    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size`` and ``num_workers`` hparams."""
+    ``setup`` fills both. Expects ``batch_size``, ``eval_batch_size``, ``num_workers``, ``labels`` and
+    ``num_classes`` hparams.
+
+    The label vocabulary (labels.py) in use is ``label_names`` (None: integer ids); it is this datamodule's
+    checkpoint state, and ``set_label_names`` (a checkpoint's vocabulary, or the model's) overrides the one
+    built from the data.
+
+    The training loader is torchdata's ``StatefulDataLoader``: Lightning stores its ``state_dict`` (the shuffle
+    generator's state and how many samples were yielded) in every checkpoint, so ``fit --ckpt_path last``
+    from a mid-epoch checkpoint continues with the next unseen batch: no batch seen twice or skipped.
+
+    The datamodule stores that state too (its own ``state_dict``, restored before the dataloader is built) and
+    loads it into the new training loader itself: Lightning drops the loader states it saved when
+    ``configure_optimizers`` reads ``trainer.estimated_stepping_batches`` (LoRAModule's schedule does), because
+    the loader is then built before the checkpoint's loop state is restored (Lightning issue #20550)."""
+
+    label_names: Optional[list[str]] = None
+    _kept_names: Optional[list[str]] = None
+    _train_loader_state: Optional[dict] = None
+
+    def _vocabulary(self, train: Dataset, label_column: str, source: str) -> Optional[list[str]]:
+        """The vocabulary to use: the kept one, else ``labels`` / the training split's (labels.py); checked
+        against every training label and ``num_classes``."""
+        h = self.hparams
+        if label_column not in train.column_names:
+            raise BadDataError(
+                f"{source}: label column {label_column!r} not found; columns: {', '.join(train.column_names)} "
+                "(set data.label_column)"
+            )
+        names = label_vocabulary(train, label_column, h.labels)
+        if self._kept_names is not None:
+            if h.labels is not None and names != self._kept_names:
+                raise BadDataError(
+                    f"data.labels {names} differs from the checkpoint's label vocabulary {self._kept_names}: the "
+                    "model's class ids follow the checkpoint; remove data.labels or make it equal"
+                )
+            names = self._kept_names
+        train_ids = encode_labels(label_values(train, label_column), names, h.num_classes, source)
+        if self._kept_names is None:
+            check_num_classes(names, train_ids, h.num_classes, source, given=h.labels is not None)
+        return names
+
+    def set_label_names(self, names: Optional[list[str]]) -> None:
+        """Use the vocabulary ``names`` (e.g. a checkpoint's) instead of the one built from the data; re-runs
+        ``setup`` if it already ran with another one. A label of the data outside ``names`` is a ``BadDataError``."""
+        self._kept_names = list(names) if names is not None else None
+        if self.splits and self._kept_names != self.label_names:
+            self.splits = {}
+            self.setup()
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"label_names": list(self.label_names)} if self.label_names is not None else {}
+        trainer = self.trainer
+        loader = trainer.train_dataloader if trainer is not None and trainer.state.fn == "fit" else None
+        if isinstance(loader, StatefulDataLoader):
+            state["train_loader"] = loader.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "label_names" in state_dict:
+            self.set_label_names(state_dict["label_names"])
+        self._train_loader_state = state_dict.get("train_loader")
 
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         h = self.hparams
-        return DataLoader(
+        return (StatefulDataLoader if train else DataLoader)(
             self.splits[split],
             batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
             shuffle=train,
@@ -109,7 +168,16 @@ class SplitDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        loader = self._loader("train", train=True)
+        state, self._train_loader_state = self._train_loader_state, None
+        if state is not None:  # resuming: continue where the checkpoint was taken
+            loader.load_state_dict(state)
+            if state.get("_iterator_finished") or state.get("_num_yielded", 0) >= len(loader):
+                # saved after the epoch's last batch: the first iterator after loading is that finished epoch
+                # (empty); run it out so the next one Lightning opens is the next epoch, shuffled as it would be
+                for _ in loader:
+                    pass
+        return loader
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")

@@ -7,11 +7,15 @@ and normalised in the collate function, x ← (resize(x) − mean)/std, which is
 crop_pct = 1 (a centre crop would cut strokes off an 8×8 digit) done on whole batches instead of
 per-image PIL calls. Other datasets use timm's ``create_transform`` per image (train: timm's training
 augmentation if ``augment``; eval: resize + centre crop).
+
+Each split as loaded goes through the shared bad-row policy (rows.py: a missing image or label is dropped with one
+counted warning, or is an error); labels map to ids through the label vocabulary (labels.py: a ClassLabel's own
+names, or sorted strings), which is saved with the checkpoint and adapter files.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +24,9 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ..backbones import image_data_config
-from .common import SplitDataModule, check_labels, load_any, pick_splits, seeded_subset
+from .common import SplitDataModule, load_any, pick_splits, seeded_subset
+from .labels import encode_labels, label_values
+from .rows import BadDataError, check_policy, filter_bad_rows
 
 DIGITS = "digits"
 
@@ -67,6 +73,8 @@ class ImageClassificationDataModule(SplitDataModule):
             ``val_fraction`` of train; test_split None = the validation split.
         train_size: a fixed random subset of the training split (the same for the same ``seed``).
         augment: timm's training augmentation for non-digits datasets.
+        labels: the class names in id order; default: the ClassLabel's names, or the sorted string labels.
+        on_bad_rows: "drop" rows with a missing image or label (one counted warning per split) or "error".
         num_classes: checked against the labels (the CLI links model.num_classes here).
     """
 
@@ -88,9 +96,12 @@ class ImageClassificationDataModule(SplitDataModule):
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
+        labels: Optional[list[Union[str, int]]] = None,
+        on_bad_rows: str = "drop",
         num_classes: Optional[int] = None,
     ) -> None:
         super().__init__()
+        check_policy(on_bad_rows)
         self.save_hyperparameters()
         self.splits: dict[str, Any] = {}
         self.collate: Any = None
@@ -106,41 +117,52 @@ class ImageClassificationDataModule(SplitDataModule):
         if h.dataset == DIGITS:
             splits = {"train": digits_dataset()}
         else:
-            splits = load_any(h.dataset, h.dataset_config)
-        picked = pick_splits(splits, h.train_split, h.val_split, h.test_split, h.val_fraction, h.seed)
-        picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
-        features = picked["train"].features
+            splits = dict(load_any(h.dataset, h.dataset_config))
+        features = splits[h.train_split].features if h.train_split in splits else next(iter(splits.values())).features
         image_col = h.image_column or next((c for c, f in features.items() if isinstance(f, Image)), "image")
         label_col = h.label_column or next((c for c, f in features.items() if isinstance(f, ClassLabel)), "label")
-        for col in (image_col, label_col):
-            if col not in features:
-                raise ValueError(f"column {col!r} not found; columns: {', '.join(features)} (set data.image_column / "
-                                 "data.label_column)")
-        for name, ds in picked.items():
-            check_labels(ds[label_col], h.num_classes, name)
+        sources = {name: f"{h.dataset}[{name}]" for name in splits}
+        for name, ds in splits.items():
+            for col in (image_col, label_col):
+                if col not in ds.features:
+                    raise BadDataError(f"{sources[name]}: column {col!r} not found; columns: {', '.join(ds.features)} "
+                                     "(set data.image_column / data.label_column)")
+            splits[name] = filter_bad_rows(ds, [image_col, label_col], sources[name], h.on_bad_rows)
+        picked = pick_splits(splits, h.train_split, h.val_split, h.test_split, h.val_fraction, h.seed)
+        self.label_names = self._vocabulary(splits[h.train_split], label_col, sources[h.train_split])
+        picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
+        val = h.val_split or ("validation" if "validation" in splits else None)
+        val_source = sources[val] if val else f"{sources[h.train_split]} (the held-out val_fraction)"
+        where = {"train": sources[h.train_split], "val": val_source,
+                 "test": sources[h.test_split] if h.test_split else val_source}
+        ids = {
+            name: encode_labels(label_values(ds, label_col), self.label_names, h.num_classes, where[name])
+            for name, ds in picked.items()
+        }
         if h.dataset == DIGITS:
-            self.splits = {name: self._tensors(ds, image_col, label_col) for name, ds in picked.items()}
+            self.splits = {name: self._tensors(ds, image_col, ids[name]) for name, ds in picked.items()}
             self.collate = _ResizeNormalize(self.data_config)
         else:
             self.splits = {
-                name: self._transformed(ds, image_col, label_col, train=name == "train") for name, ds in picked.items()
+                name: self._transformed(ds, image_col, label_col, ids[name], train=name == "train")
+                for name, ds in picked.items()
             }
 
     @staticmethod
-    def _tensors(ds: Dataset, image_col: str, label_col: str) -> TensorDataset:
-        columns = ds.with_format("torch")[:]  # the whole split as tensors
-        x = columns[image_col].float()
-        return TensorDataset(x.unsqueeze(1) if x.ndim == 3 else x, columns[label_col].long())
+    def _tensors(ds: Dataset, image_col: str, ids: list[int]) -> TensorDataset:
+        x = ds.with_format("torch")[:][image_col].float()  # the whole split as one tensor
+        return TensorDataset(x.unsqueeze(1) if x.ndim == 3 else x, torch.tensor(ids, dtype=torch.long))
 
-    def _transformed(self, ds: Dataset, image_col: str, label_col: str, train: bool) -> Dataset:
+    def _transformed(self, ds: Dataset, image_col: str, label_col: str, ids: list[int], train: bool) -> Dataset:
         from timm.data import create_transform
 
         transform = create_transform(**self.data_config, is_training=train and self.hparams.augment)
+        to_id = dict(zip(ds[label_col], ids))  # raw label value → class id (labels.py), applied lazily per batch
 
         def apply(batch: dict[str, list]) -> dict[str, list]:
             return {
                 "pixel_values": [transform(img.convert("RGB")) for img in batch[image_col]],
-                "labels": batch[label_col],
+                "labels": [to_id[v] for v in batch[label_col]],
             }
 
         return ds.with_transform(apply)

@@ -1,13 +1,17 @@
 """TextClassificationDataModule: a HF hub dataset or local csv/tsv/json/parquet files, tokenized with the
-backbone's tokenizer, batched with dynamic padding (each batch padded to its longest sequence)."""
+backbone's tokenizer, batched with dynamic padding (each batch padded to its longest sequence).
+
+Each split as loaded goes through the shared bad-row policy (rows.py: rows with an empty text or label are dropped
+with one counted warning, or are an error), then the label vocabulary (labels.py) maps its labels to ids."""
 
 from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-
 from ..backbones import load_tokenizer
-from .common import SplitDataModule, check_labels, load_any, load_files, pick_splits, seeded_subset, string_label_ids
+from .common import SplitDataModule, load_any, load_files, pick_splits, seeded_subset
+from .labels import encode_labels, label_values
+from .rows import BadDataError, check_policy, filter_bad_rows
 
 
 class TextClassificationDataModule(SplitDataModule):
@@ -20,7 +24,13 @@ class TextClassificationDataModule(SplitDataModule):
             or a local folder.
         train_file / val_file / test_file: local files instead (.csv, .tsv, .json, .jsonl, .parquet).
         text_columns: one column, or two for sentence pairs.
-        label_column: integer or string labels (strings map to ids in sorted order).
+        label_column: integer ids, or string labels mapped to ids through the label vocabulary (``labels``, else
+            the training split's sorted distinct values); a split without this column (e.g. a test file to predict
+            on) has no labels.
+        labels: the class names in id order (``[negative, positive]``): fixes the vocabulary, e.g. when the
+            training file lacks a class. Saved with the checkpoint and adapter files; predictions come back as names.
+        on_bad_rows: "drop" rows with an empty text or label, with one warning per file naming the count and the
+            first rows, or "error" (lora_lightning.data.rows).
         train_split / val_split / test_split: split names; val_split None = "validation" if present, else a
             seeded ``val_fraction`` of train; test_split None = the validation split.
         max_length: truncation length in tokens.
@@ -39,6 +49,8 @@ class TextClassificationDataModule(SplitDataModule):
         test_file: Optional[str] = None,
         text_columns: Union[str, list[str]] = "sentence",
         label_column: str = "label",
+        labels: Optional[list[Union[str, int]]] = None,
+        on_bad_rows: str = "drop",
         train_split: str = "train",
         val_split: Optional[str] = None,
         test_split: Optional[str] = None,
@@ -56,6 +68,7 @@ class TextClassificationDataModule(SplitDataModule):
             raise ValueError("give either data.dataset (a hub name or folder) or data.train_file (local files)")
         if tokenizer is None and backbone is None:
             raise ValueError("no tokenizer: set data.backbone (the CLI links model.backbone) or data.tokenizer")
+        check_policy(on_bad_rows)
         self.save_hyperparameters()
         self.text_columns = [text_columns] if isinstance(text_columns, str) else list(text_columns)
         if not 1 <= len(self.text_columns) <= 2:
@@ -64,18 +77,29 @@ class TextClassificationDataModule(SplitDataModule):
         self.splits: dict[str, Any] = {}
         self.collate: Any = None
 
-    def _raw_splits(self) -> dict[str, Any]:
+    def _load(self) -> tuple[dict[str, Any], dict[str, str], tuple[str, Optional[str], Optional[str]]]:
+        """The splits as loaded, with bad rows handled; what each is called in messages (its file, or
+        ``dataset[split]``); the names of the train/val/test splits."""
         h = self.hparams
         if h.train_file is not None:
             files = {"train": h.train_file, "validation": h.val_file, "test": h.test_file}
-            splits = load_files({k: v for k, v in files.items() if v is not None})
-            train, val, test = "train", ("validation" if h.val_file else None), ("test" if h.test_file else None)
+            files = {k: v for k, v in files.items() if v is not None}
+            splits, sources = dict(load_files(files)), dict(files)
+            chosen = ("train", "validation" if h.val_file else None, "test" if h.test_file else None)
         else:
-            splits = load_any(h.dataset, h.dataset_config)
-            train, val, test = h.train_split, h.val_split, h.test_split
-        picked = pick_splits(splits, train, val, test, h.val_fraction, h.seed)
-        picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
-        return picked
+            splits = dict(load_any(h.dataset, h.dataset_config))
+            sources = {name: f"{h.dataset}[{name}]" for name in splits}
+            chosen = (h.train_split, h.val_split, h.test_split)
+        for name, ds in splits.items():
+            missing = [c for c in self.text_columns if c not in ds.column_names]
+            if missing:
+                raise BadDataError(
+                    f"{sources[name]}: text column {missing[0]!r} not found; columns: {', '.join(ds.column_names)} "
+                    "(set data.text_columns)"
+                )
+            needed = self.text_columns + ([h.label_column] if h.label_column in ds.column_names else [])
+            splits[name] = filter_bad_rows(ds, needed, sources[name], h.on_bad_rows)
+        return splits, sources, chosen
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
@@ -84,26 +108,26 @@ class TextClassificationDataModule(SplitDataModule):
 
         h = self.hparams
         self.tokenizer = load_tokenizer(h.tokenizer or h.backbone)
-        raw = self._raw_splits()
-        for column in self.text_columns:
-            if column not in raw["train"].column_names:
-                raise ValueError(
-                    f"text column {column!r} not found; columns: {', '.join(raw['train'].column_names)} "
-                    f"(set data.text_columns)"
-                )
-        to_id = string_label_ids(raw["train"], h.label_column)
+        loaded, sources, (train, val, test) = self._load()
+        self.label_names = self._vocabulary(loaded[train], h.label_column, sources[train])  # the whole training split
+        picked = pick_splits(loaded, train, val, test, h.val_fraction, h.seed)
+        picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
+        val = val or ("validation" if "validation" in loaded else None)
+        val_source = sources[val] if val else f"{sources[train]} (the held-out val_fraction)"
+        where = {"train": sources[train], "val": val_source, "test": sources[test] if test else val_source}
 
         def encode(batch: dict[str, list]) -> dict[str, list]:
-            texts = [batch[c] for c in self.text_columns]
-            out = self.tokenizer(*texts, truncation=True, max_length=h.max_length)
-            labels = batch[h.label_column]
-            out["labels"] = [to_id[y] for y in labels] if to_id else [int(y) for y in labels]
-            return out
+            texts = [[t if isinstance(t, str) else str(t) for t in batch[c]] for c in self.text_columns]
+            return self.tokenizer(*texts, truncation=True, max_length=h.max_length)
 
         done: dict[int, Any] = {}  # the test split is often the validation split itself
-        for name, ds in raw.items():
+        for name, ds in picked.items():
             if id(ds) not in done:
-                done[id(ds)] = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
-                check_labels(done[id(ds)]["labels"], h.num_classes, name)
+                encoded = ds.map(encode, batched=True, remove_columns=ds.column_names, desc=f"tokenize {name}")
+                if h.label_column in ds.column_names:
+                    values = label_values(ds, h.label_column)
+                    encoded = encoded.add_column("labels", encode_labels(values, self.label_names, h.num_classes,
+                                                                         where[name]))
+                done[id(ds)] = encoded
             self.splits[name] = done[id(ds)]
         self.collate = DataCollatorWithPadding(self.tokenizer)

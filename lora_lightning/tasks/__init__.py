@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from typing import Any, Optional
+
 from .base import Task, TaskOutput
 from .causal_lm import CausalLM
 from .classification import ClassificationTask, ImageClassification, SequenceClassification
@@ -15,10 +18,20 @@ TASKS: dict[str, type[Task]] = {
 }
 
 
-def get_task(name: str) -> Task:
+def get_task(name: str, options: Optional[dict[str, Any]] = None) -> Task:
+    """The task ``name`` built with ``options`` (its constructor's keyword arguments, e.g. the causal LM's
+    ``loss_chunk_size``)."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of: auto, {', '.join(TASKS)}")
-    return TASKS[name]()
+    cls, options = TASKS[name], dict(options or {})
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    valid = [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and p.kind in kinds]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"unknown task_options {unknown} for task {name!r}; it takes: {', '.join(valid) or 'none'}"
+        )
+    return cls(**options)
 
 
 __all__ = [

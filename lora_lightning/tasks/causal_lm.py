@@ -8,8 +8,20 @@ transformers builds the block-diagonal causal mask from the positions, see ``lor
 
 Loss. Position t predicts token t+1: with ℓ_t = −log softmax(z_t)[y_{t+1}] and the target set
 S = {t : labels[t+1] ≠ −100}, a batch contributes loss_sum = Σ_{t∈S} ℓ_t and n_targets = |S|; LoRAModule
-divides the step's summed gradients by the step's total |S| over all micro-batches and devices. Only the
-logits at target positions are gathered and upcast to float32 (the prompt's are never materialised twice).
+divides the step's summed gradients by the step's total |S| over all micro-batches and devices.
+
+How the logits are formed (``loss_chunk_size``):
+    > 0 (default 256)  target-only and chunked (``lora_lightning.losses``): the model runs up to its lm_head,
+                       whose input is captured (a forward pre-hook hands the lm_head zero positions, so the
+                       model computes no logits itself); only the |S| target rows of the final hidden states
+                       meet the lm_head weight, ``loss_chunk_size`` tokens at a time, so no |S|×V (let alone
+                       B×T×V) logits ever exist; on CUDA with liger-kernel installed, Liger's fused linear
+                       cross-entropy does it (``loss_backend``). The first batch of every model checks that
+                       the model's own logits are exactly lm_head(hidden) (one position); a model that
+                       post-processes its logits (Gemma's soft-capping, Cohere's logit scale, …) or whose
+                       lm_head is not a plain ``nn.Linear`` falls back, with a warning, to:
+    0 / None           the model's own forward: full B×T×V logits, the target rows gathered and upcast to (at least)
+                       float32.
 
 Metrics (torchmetrics, summed over the whole split and across devices, then divided):
     val_loss       mean ℓ over target tokens (logged by LoRAModule, weighted by n_targets)
@@ -21,6 +33,7 @@ Metrics (torchmetrics, summed over the whole split and across devices, then divi
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
@@ -30,6 +43,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric, MetricCollection
 
 from ..generation import GenerationOptions, generate_tokens
+from ..losses import BACKENDS, DEFAULT_CHUNK_SIZE, causal_lm_loss
 from .base import Task, TaskOutput, format_metrics
 
 IGNORE_INDEX = -100
@@ -97,8 +111,17 @@ class CausalLM(Task):
     name = "causal_lm"
     model_class = "AutoModelForCausalLM"
 
-    def __init__(self) -> None:
+    def __init__(self, loss_chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE, loss_backend: str = "auto") -> None:
+        if loss_chunk_size is not None and (isinstance(loss_chunk_size, bool) or loss_chunk_size < 0):
+            raise ValueError(
+                f"loss_chunk_size must be a number of tokens ≥ 0 (0 = full logits), got {loss_chunk_size!r}"
+            )
+        if loss_backend not in BACKENDS:
+            raise ValueError(f"loss_backend={loss_backend!r}; choose one of {', '.join(BACKENDS)}")
+        self.loss_chunk_size = loss_chunk_size or 0
+        self.loss_backend = loss_backend
         self._packing_checked: set[int] = set()
+        self._head_checked: dict[int, bool] = {}  # id(model) -> its logits are exactly lm_head(hidden)
 
     def default_modules_to_save(self, model: nn.Module) -> list[str]:
         return []  # lm_head is pretrained (and often tied to the input embeddings): adapters only
@@ -125,16 +148,82 @@ class CausalLM(Task):
             )
         if "labels" not in batch:
             raise ValueError("this batch has no labels; training/validation/test batches need them")
-        out = model(**self._inputs(model, batch))
+        inputs = self._inputs(model, batch)
+        head = self._chunkable_head(model)
+        if head is not None:
+            hidden = self._final_hidden_states(model, head, inputs)
+            if hidden is not None:
+                loss_sum, n, correct = causal_lm_loss(
+                    hidden, batch["labels"], head.weight, head.bias, self.loss_chunk_size, self.loss_backend
+                )
+                return TaskOutput(loss_sum, n, {"nll_sum": loss_sum.detach(), "n_correct": correct, "n_tokens": n})
+        out = model(**inputs)
         logits = out if isinstance(out, Tensor) else out.logits
         labels = batch["labels"][:, 1:]
         targets = labels != IGNORE_INDEX
-        z = logits[:, :-1][targets].float()  # (n_targets, vocab): only the positions that are scored
+        z = logits[:, :-1][targets]  # (n_targets, vocab): only the positions that are scored
+        z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 → fp32; fp64 stays
         y = labels[targets]
         loss_sum = F.cross_entropy(z, y, reduction="sum")
         n = targets.sum()
         correct = (z.detach().argmax(-1) == y).sum()
         return TaskOutput(loss_sum, n, {"nll_sum": loss_sum.detach(), "n_correct": correct, "n_tokens": n})
+
+    def _chunkable_head(self, model: nn.Module) -> Optional[nn.Linear]:
+        """The model's lm_head when the target-only chunked loss applies to it, else None."""
+        if not self.loss_chunk_size or self._head_checked.get(id(model)) is False:
+            return None
+        get_head = getattr(model, "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if type(head) is not nn.Linear:  # an adapted lm_head, a custom head, no head: the model's own forward
+            if id(model) not in self._head_checked:
+                warnings.warn(
+                    f"causal_lm: the lm_head of {type(model).__name__} is a {type(head).__name__}, not a plain "
+                    "nn.Linear: computing the loss from the model's full logits (loss_chunk_size does not apply)",
+                    stacklevel=3,
+                )
+                self._head_checked[id(model)] = False
+            return None
+        return head
+
+    def _final_hidden_states(self, model: nn.Module, head: nn.Linear, inputs: dict[str, Any]) -> Optional[Tensor]:
+        """The lm_head's input (B×T×H) from one forward in which the lm_head sees no position (the first time for
+        a model: one position, to check the model's logits are exactly lm_head(hidden)); None when they are not."""
+        check = id(model) not in self._head_checked
+        captured: list[Tensor] = []
+
+        def take_input(module: nn.Module, args: tuple) -> tuple:
+            captured.append(args[0])
+            return (args[0][:, -1:] if check else args[0][:, :0],) + tuple(args[1:])
+
+        handle = head.register_forward_pre_hook(take_input)
+        try:
+            out = model(**inputs)
+        finally:
+            handle.remove()
+        if len(captured) != 1 or captured[0].dim() != 3:
+            self._head_checked[id(model)] = False
+            warnings.warn(
+                f"causal_lm: {type(model).__name__} does not call its lm_head once on B×T×H hidden states: "
+                "computing the loss from the model's full logits (loss_chunk_size does not apply)",
+                stacklevel=3,
+            )
+            return None
+        if check:
+            logits = out if isinstance(out, Tensor) else out.logits
+            with torch.no_grad():
+                ours = F.linear(captured[0][:, -1:], head.weight, head.bias)
+                same = logits.shape == ours.shape and torch.allclose(logits.float(), ours.float(), rtol=1e-6, atol=1e-6)
+            self._head_checked[id(model)] = bool(same)
+            if not same:
+                warnings.warn(
+                    f"causal_lm: {type(model).__name__} post-processes its logits (they differ from lm_head(hidden), "
+                    "e.g. soft-capping or a logit scale): computing the loss from the model's full logits "
+                    "(loss_chunk_size does not apply)",
+                    stacklevel=3,
+                )
+                return None
+        return captured[0]
 
     def metrics(self, num_classes: int, prefix: str) -> MetricCollection:
         return MetricCollection({"ppl": Perplexity(), "token_acc": TokenAccuracy()}, prefix=prefix)

@@ -88,7 +88,7 @@ class ClassificationTask(Task):
         return self.step(model, batch)[0].argmax(-1)
 
     def summary(self, metrics: Mapping[str, Any]) -> Optional[str]:
-        return format_metrics(metrics, ("val_acc", "val_f1")) if "val_acc" in metrics else None
+        return format_metrics(metrics, ("val_acc", "val_f1", "val_loss")) if "val_acc" in metrics else None
 
 
 class SequenceClassification(ClassificationTask):

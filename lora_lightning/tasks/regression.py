@@ -41,4 +41,4 @@ class Regression(Task):
         return logits_of(model(tensor_batch(batch)[0]))
 
     def summary(self, metrics: Mapping[str, Any]) -> Optional[str]:
-        return format_metrics(metrics, ("val_mse",))
+        return format_metrics(metrics, ("val_mse", "val_loss"))

@@ -1,0 +1,162 @@
+"""Label vocabulary: class names ↔ ids for classification data, shared by the datamodules.
+
+The vocabulary is a list of class names; a name's position is its id (the output unit of the head).
+
+    given   ``labels: [negative, positive]`` in the data config (any order you choose)
+    ClassLabel   a hub/imagefolder label feature: its own names, in its order
+    strings      the training split's distinct values, sorted (numerically when every value is an integer,
+                 so "2" < "10"); surrounding whitespace is ignored
+    integers     no vocabulary: the values are the ids themselves (0..C-1)
+
+A string label is a name and maps through the vocabulary; an integer label (or an integral float, which is what
+a csv column of integers with an empty cell becomes) is an id. The vocabulary is saved with the checkpoint and the
+adapter files and used again at validate/test/predict time, so the same name always gets the same id and
+predictions come back as names. Every mismatch is a ``BadDataError`` naming the value, the source and the fix:
+a name outside the vocabulary, an id outside 0..C-1, and a vocabulary (or set of training ids) whose size is not
+``num_classes``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Optional, Sequence
+
+from datasets import ClassLabel, Dataset
+
+from .rows import BadDataError
+
+SHOWN_VALUES = 8
+
+
+def _preview(values: Sequence[Any]) -> str:
+    more = f", ... (+{len(values) - SHOWN_VALUES} more)" if len(values) > SHOWN_VALUES else ""
+    return ", ".join(str(v) for v in values[:SHOWN_VALUES]) + more
+
+
+def _as_id(value: Any) -> Optional[int]:
+    """An integer (or an integral float) as an int; None for anything else (bool counts as not an id)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _sorted_names(names: set[str]) -> list[str]:
+    try:
+        return sorted(names, key=int)  # all integers: numeric order
+    except ValueError:
+        return sorted(names)
+
+
+def label_values(ds: Dataset, column: str) -> list[Any]:
+    """The label column as names (ClassLabel ids become their names; strings stripped) or integer ids."""
+    feature = ds.features[column]
+    values = ds[column]
+    if isinstance(feature, ClassLabel):
+        return [feature.int2str(int(v)) for v in values]
+    return [v.strip() if isinstance(v, str) else v for v in values]
+
+
+def label_vocabulary(ds: Dataset, column: str, labels: Optional[Sequence[Any]] = None) -> Optional[list[str]]:
+    """The class names (module docstring): ``labels`` if given, else the ClassLabel's names, else the sorted
+    distinct strings of ``ds[column]``; None when the labels are integer ids."""
+    if labels is not None:
+        names = [str(x).strip() for x in labels]
+        duplicated = sorted(n for n, k in Counter(names).items() if k > 1)
+        if len(names) < 2 or duplicated:
+            raise ValueError(f"data.labels must name at least 2 distinct classes, got {list(labels)}")
+        return names
+    feature = ds.features[column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        return _sorted_names({v.strip() for v in ds[column] if isinstance(v, str)})
+    return None
+
+
+def encode_labels(values: Sequence[Any], names: Optional[Sequence[str]], num_classes: Optional[int],
+                  source: str) -> list[int]:
+    """Class ids of ``values`` (names through ``names``; integers as they are), each in 0..C-1 with
+    C = ``len(names)``, else ``num_classes`` (whether the two agree is ``check_num_classes``' question).
+
+    Raises:
+        BadDataError: a name not in ``names`` (or any name when there is no vocabulary), a non-integral number,
+            or an id outside 0..C-1; the message lists the offending values, their count, ``source`` and the fix.
+    """
+    index = {n: i for i, n in enumerate(names)} if names is not None else {}
+    classes = len(names) if names is not None else num_classes
+    ids: list[int] = []
+    unknown: Counter = Counter()
+    out_of_range: Counter = Counter()
+    for v in values:
+        i = index.get(v) if isinstance(v, str) else _as_id(v)
+        if i is None and isinstance(v, str) and names is None:
+            try:
+                i = int(v)  # "3" in an integer-labelled split is the id 3
+            except ValueError:
+                pass
+        if i is None:
+            unknown[v] += 1
+            i = -1
+        elif i < 0 or (classes is not None and i >= classes):
+            out_of_range[i] += 1
+        ids.append(i)
+    if unknown:
+        found = _preview([f"{v!r} ({n} row{'s' if n > 1 else ''})" for v, n in unknown.most_common()])
+        if names is None:
+            raise BadDataError(
+                f"{source}: labels {found} are not class ids, but the training labels are integer ids: make the "
+                "label column integers 0..C-1, or name the classes with data.labels: [...]"
+            )
+        every = _preview(list(names) + [str(v) for v in unknown])
+        raise BadDataError(
+            f"{source}: labels {found} are not in the label vocabulary [{_preview(list(names))}]: fix or remove "
+            f"those rows, or name every class with data.labels: [{every}] (and set model.num_classes to match)"
+        )
+    if out_of_range:
+        found = _preview([f"{i} ({n} row{'s' if n > 1 else ''})" for i, n in sorted(out_of_range.items())])
+        bound = f"the {classes} names of the label vocabulary" if names is not None else f"model.num_classes={classes}"
+        raise BadDataError(
+            f"{source}: label ids {found} are outside 0..{classes - 1 if classes else '?'} ({bound}): class ids "
+            "must be 0..num_classes-1; set model.num_classes to the number of classes, or fix those rows "
+            "(unlabelled rows such as GLUE's test -1 need a labelled file)"
+        )
+    return ids
+
+
+def check_num_classes(names: Optional[Sequence[str]], train_ids: Sequence[int], num_classes: Optional[int],
+                      source: str, given: bool = False) -> None:
+    """``num_classes`` must be the number of classes: ``len(names)``, or (integer ids) the number of distinct
+    training ids. ``given``: the names come from ``data.labels`` (changes the fix the message names).
+
+    Raises:
+        BadDataError: naming both numbers, the classes found, ``source`` and the fix.
+    """
+    if num_classes is None:
+        return
+    if names is not None:
+        if len(names) == num_classes:
+            return
+        if given:
+            raise BadDataError(
+                f"data.labels names {len(names)} classes [{_preview(list(names))}] but model.num_classes="
+                f"{num_classes}: make them agree"
+            )
+        raise BadDataError(
+            f"{source}: {len(names)} distinct labels [{_preview(list(names))}] but model.num_classes={num_classes}: "
+            f"set model.num_classes: {len(names)}, or fix the rows with unexpected labels, or (when the training data "
+            "lacks a class) name every class with data.labels: [...]"
+        )
+    present = sorted(set(train_ids))
+    if len(present) != num_classes:
+        raise BadDataError(
+            f"{source}: {len(present)} distinct label ids [{_preview(present)}] but model.num_classes={num_classes}: "
+            f"set model.num_classes: {len(present)}, or (when the training data lacks a class) name every class "
+            f"with data.labels: [{', '.join(str(i) for i in range(num_classes))}]"
+        )
+
+
+__all__ = ["check_num_classes", "encode_labels", "label_values", "label_vocabulary"]
