@@ -1,4 +1,4 @@
-"""Plot of the offline SFT comparison (docs/results.md §5): exact match and validation loss per method.
+"""Plot of the offline SFT comparison (docs/results.md §6): exact match and validation loss per method.
 
     python benchmarks/plot_sft_compare.py runs/compare_sft_offline --base-em 0.0 --base-loss 1.80 \\
         --out docs/sft_offline.png
