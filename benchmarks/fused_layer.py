@@ -117,7 +117,6 @@ CONFIGS = [
     for method in ("lora", "dora")
     for dropout in (0.0, 0.05)
     for impl in ("fused", "plain", "peft")
-    if not (method == "dora" and impl == "fused")  # DoRA has its own forward (its row norms are factored)
 ]
 
 

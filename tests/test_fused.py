@@ -21,7 +21,7 @@ PRECISIONS = ["fp32", "bf16"]
 
 
 def test_the_fused_family_is_the_lora_family():
-    assert FUSED_METHODS == ["allora", "lora", "lora_alpha", "rslora", "sds"]
+    assert FUSED_METHODS == ["allora", "dora", "lora", "lora_alpha", "rslora", "sds"]
 
 
 def _randomize(model: nn.Module, method: str, p: float, seed: int = 0) -> None:
@@ -33,6 +33,8 @@ def _randomize(model: nn.Module, method: str, p: float, seed: int = 0) -> None:
             layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=g))
             if method == "sds":
                 layer.rebalance()
+            if method == "dora":  # m ≠ n, so that m/n and ∂L/∂m are not trivial
+                layer.magnitude.mul_(1 + 0.3 * torch.randn(layer.magnitude.shape, generator=g))
             layer.dropout = nn.Dropout(p) if p else None
 
 
@@ -192,3 +194,52 @@ def test_fused_gated_mlp_keeps_its_input_and_the_gate_and_up_outputs():
         plain(x)
     # layer by layer: also act(e), the product and the r-sized adapter intermediates
     assert kept_plain.nbytes >= kept.nbytes + 4 * 2 * tokens * inter
+
+
+def test_fused_dora_layer_keeps_the_input_the_mask_and_its_own_output():
+    """DoRA's Function keeps x, the 1-byte mask and ŷ, which is the layer's output itself (no bias): nothing
+    weight-sized, and no second out-sized tensor (PEFT and the plain path keep W0·x and more)."""
+    fused, plain = _pair(nn.Sequential(nn.Linear(16, 12, bias=False)), "dora", 0.1, target_modules=["0"])
+    x = torch.randn(4, 64, 16, requires_grad=True)
+    with (kept := SavedTensors(fused)):
+        y = fused(x)
+    assert sorted((str(t.dtype), tuple(t.shape)) for t in kept.saved) == [
+        ("torch.bool", (4, 64, 16)), ("torch.float32", (4, 64, 16)), ("torch.float32", (12,)),
+        ("torch.float32", (256, 12)),
+    ]  # mask, x, the row norm n, ŷ
+    assert any(t is x for t in kept.saved)
+    out = next(t for t in kept.saved if tuple(t.shape) == (256, 12))
+    assert out.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()  # ŷ = the output, by reference
+    assert kept.nbytes == x.numel() * 5 + 4 * (y.numel() + 12)
+    with (kept_plain := SavedTensors(plain)):
+        plain(x)
+    assert kept_plain.nbytes > kept.nbytes + 4 * x.numel()
+
+
+def test_fused_dora_gated_mlp_keeps_what_the_lora_block_keeps_plus_its_output():
+    fused, _ = _pair(_mlp(), "dora", 0.0)
+    assert is_patched(fused[0])
+    x = torch.randn(4, 64, 16, requires_grad=True)
+    with (kept := SavedTensors(fused)):
+        y = fused(x)
+    tokens, inter = 4 * 64, 24
+    assert kept.nbytes == 4 * (x.numel() + 2 * tokens * inter + y.numel() + 2 * inter + 16)  # x, e, u, y; 3 norms
+
+
+def test_fused_dora_zero_magnitude_row_has_zero_output_and_finite_gradients():
+    """[ours] m_i = 0 exactly: the row's output is b_i on both paths; the fused path gives ∂L/∂m_i = 0 there
+    (module docstring of functional.py), every other gradient equals the plain path's."""
+    fused, plain = _pair(_layer_model("linear"), "dora", 0.0, target_modules=["0"])
+    for m in (fused, plain):
+        with torch.no_grad():
+            m[0].magnitude[3] = 0.0
+    g = torch.Generator().manual_seed(3)
+    x, probe = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 12, generator=g)
+    (y_f, dx_f, g_f), (y_p, dx_p, g_p) = _run(fused, x, probe, "fp32"), _run(plain, x, probe, "fp32")
+    torch.testing.assert_close(y_f, y_p, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_f[..., 3], fused[0].base.bias[3].expand(2, 5).detach())
+    torch.testing.assert_close(dx_f, dx_p, rtol=1e-6, atol=1e-6)
+    mag = "0.magnitude"
+    assert g_f[mag][3] == 0 and g_p[mag][3] != 0
+    keep = torch.arange(12) != 3
+    torch.testing.assert_close(g_f[mag][keep], g_p[mag][keep], rtol=1e-6, atol=1e-6)

@@ -11,7 +11,7 @@ from typing import Optional
 
 from .base import SUPPORTED_BASE_TYPES, AdapterLayer, base_kind, base_shape
 from .dora import DoRALayer
-from .functional import ALLoRAConv2dFunction, LoRAFunction, allora_coefficients
+from .functional import ALLoRAConv2dFunction, DoRAFunction, LoRAFunction, allora_coefficients
 from .lora import SCALING_RULES, LoRALayer, scaling_for
 from .sds import SDSLayer, export_as_lora
 
@@ -59,6 +59,7 @@ register_method("sds", AdapterMethod(SDSLayer, "lora", "SDS-LoRA, arXiv 2606.164
 __all__ = [
     "ADAPTER_METHODS",
     "ALLoRAConv2dFunction",
+    "DoRAFunction",
     "LoRAFunction",
     "SCALING_RULES",
     "SUPPORTED_BASE_TYPES",

@@ -75,7 +75,7 @@ def base_shape(module: nn.Module) -> tuple[int, int]:
 class AdapterLayer(nn.Module):
     """Frozen ``base`` + ``s · U · D · dropout(x)``; subclasses define ``factors() -> (D, U)``."""
 
-    #: whether ``forward`` may use the fused Function (DoRA has its own forward and sets False)
+    #: whether ``forward`` may use a fused Function (``LoRAFunction``; DoRA: ``DoRAFunction``)
     fusable: bool = True
 
     def __init__(
@@ -162,6 +162,10 @@ class AdapterLayer(nn.Module):
         if self.scaling != 1.0:
             h = h * self.scaling
         return self._up(h, up)
+
+    def output_scale(self) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(m, n) when the layer rescales its output rows by k = m/n (DoRA), else (None, None)."""
+        return None, None
 
     def _fusable_now(self) -> bool:
         """Whether ``forward`` can run the fused Function: Linear / Conv1D with a frozen, unsharded W0 (under

@@ -9,7 +9,9 @@ the column norm: ``(W0 + ΔW).norm(p=2, dim=1)``; for Conv2d the norm over dims 
 m is initialised to n, so the layer starts at W0 (at W0 + s·B·A when B ≠ 0 at init). As in the paper
 (§4.3), PEFT and torchtune, n is a constant in backward (computed under no_grad).
 
-Forward, with the base matmul done once (PEFT runs the base layer twice when dropout is on):
+Forward, with the base matmul done once (PEFT runs the base layer twice when dropout is on); on Linear / Conv1D
+by default as one autograd Function (``DoRAFunction``, ``functional.py``: saved are x, the 1-byte dropout mask and
+the pre-bias output, and ∂L/∂m_i = Σ g_i·ŷ_i/m_i from the saved output), else (``fused: false``, Conv2d) autograd ops:
 
     y = (m / n) ⊙ (W0·x + s·B·A·dropout(x)) + bias
 
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantize import compute_dtype, dense_weight, dequantize, is_quantized, linear_4bit, storage_key
+from .functional import DoRAFunction, dropout_mask
 from .lora import LoRALayer
 
 
@@ -53,8 +56,6 @@ class DoRALayer(LoRALayer):
 
     Takes LoRALayer's arguments; adds ``magnitude`` (out,), initialised to the row norm.
     """
-
-    fusable = False  # its own forward (the magnitude rescales the whole output)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -127,9 +128,19 @@ class DoRALayer(LoRALayer):
             return x @ w0
         return self.base._conv_forward(x, w0, None)
 
+    def output_scale(self) -> tuple[Tensor, Tensor]:
+        """(m, n): the magnitude and the detached row norm of the current factors (k = m/n)."""
+        return self.magnitude, self.weight_norm()
+
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
             return self.base(x)
+        if self._fusable_now():  # one Function, x (+ mask) and ŷ kept: functional.py
+            down, up = self.factors()
+            p = self._dropout_p()
+            mask = dropout_mask(x, p) if p else None
+            return DoRAFunction.apply(x, self.base.weight, self.base.bias, down, up, mask, self.magnitude,
+                                      self.weight_norm(), self.scaling, p, self.kind)
         out = self._base_no_bias(x)
         out = out + self.adapter_output(x).to(out.dtype)
         norm = self.weight_norm()

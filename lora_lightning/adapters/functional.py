@@ -30,6 +30,18 @@ QLoRA: a 4-bit W0 (``lora_lightning.quantize``) is dequantised to the compute dt
 inside backward, a per-call temporary of one layer (as torchao's ``linear_nf4`` and bitsandbytes do); only the
 4-bit tensor is referenced by the saved state, so ∂L/∂x = g·deq(W0) + … flows through the 4-bit matmul.
 
+DoRA (Liu et al. 2024, arXiv 2402.09353; ``dora.py``) on the same path, with k = m/n (n = ‖W0 + s·U·D‖_row, a
+constant in backward as in the paper's §4.3) multiplying every output row:
+
+    forward     ŷ = k ⊙ (x·W0ᵀ + s·(q·m⊙x)·Dᵀ·Uᵀ),   y = ŷ + b
+    backward    the LoRA backward above with g replaced by k⊙g, and
+                ∂L/∂m_i = Σ_t g_ti·(W0·x_t + s·U·D·x̃_t)_i / n_i = Σ_t g_ti·ŷ_ti / m_i
+
+so DoRA keeps what LoRA keeps plus ŷ, which IS the output when the layer has no bias (saved by reference: no
+extra bytes where the next op keeps its input anyway, e.g. the gated MLP's gate and up outputs or attention's
+values). [ours] A row with m_i = 0 exactly has ŷ_i = 0 and gets ∂L/∂m_i = 0 on this path (the plain path,
+``fused: false``, differentiates it); the initial m is the row norm clamped at 1e-12, never 0.
+
 Mixed precision: under autocast the matmuls run in the autocast dtype (as ``F.linear`` would), in backward
 too (the casts of x and W0 are redone there, transient, instead of keeping cast copies alive).
 """
@@ -157,6 +169,48 @@ def _lowrank_backward(g2, x2, weight, down, up, mask2, coef, scaling: float, p: 
     return dx, d_down, d_up
 
 
+def _post_scale(magnitude: Tensor, norm: Tensor) -> Tensor:
+    """DoRA's k = m/n per output row, in n's dtype (float32, float64 for float64 factors), detached."""
+    return magnitude.detach().to(norm.dtype) / norm
+
+
+def _dora_forward(x2, weight, bias, down, up, mask2, post, scaling: float, p: float, layout: str, dtype):
+    """(y, ŷ): ŷ = k ⊙ (x·W0ᵀ + s·(q·m⊙x)·Dᵀ·Uᵀ), y = ŷ + b (y is ŷ itself without a bias); module docstring."""
+    y_pre = _lowrank_forward(x2, weight, None, down, up, mask2, scaling, p, layout, dtype)
+    y_pre.mul_(post.to(y_pre.dtype))
+    return (y_pre if bias is None else y_pre + bias.to(y_pre.dtype)), y_pre
+
+
+def _magnitude_grad(g2: Tensor, y_pre: Tensor, magnitude: Tensor) -> Tensor:
+    """∂L/∂m_i = Σ_t g_ti·ŷ_ti / m_i (0 where m_i = 0), accumulated in at least float32; module docstring."""
+    acc = torch.promote_types(magnitude.dtype, torch.float32)
+    dot = (g2.to(y_pre.dtype) * y_pre).sum(0, dtype=acc)
+    m = magnitude.detach().to(acc)
+    return torch.where(m != 0, dot / torch.where(m != 0, m, 1), 0).to(magnitude.dtype)
+
+
+def _proj_forward(x2, tensors, spec, dtype):
+    """One projection of the family: (y, ŷ or None). ``tensors`` = (W0, b, D, U, mask, c, m, n): m, n (DoRA's
+    magnitude and row norm) None for the LoRA family; ``spec`` = (s, p, layout)."""
+    weight, bias, down, up, mask2, coef, magnitude, norm = tensors
+    if magnitude is None:
+        return _lowrank_forward(x2, weight, bias, down, up, mask2, *spec, dtype), None
+    return _dora_forward(x2, weight, bias, down, up, mask2, _post_scale(magnitude, norm), *spec, dtype)
+
+
+def _proj_backward(g2, x2, tensors, spec, dtype, y_pre, need_x: bool, need_down: bool, need_up: bool,
+                   need_magnitude: bool):
+    """(∂L/∂x, ∂L/∂D, ∂L/∂U, ∂L/∂m) of ``_proj_forward``; None where not needed."""
+    weight, bias, down, up, mask2, coef, magnitude, norm = tensors
+    d_mag = None
+    if magnitude is not None:
+        if need_magnitude:
+            d_mag = _magnitude_grad(g2, y_pre, magnitude)
+        g2 = g2 * _post_scale(magnitude, norm).to(g2.dtype)
+    return (*_lowrank_backward(g2, x2, weight, down, up, mask2, coef, *spec, dtype, need_x, need_down, need_up),
+            d_mag)
+
+
 class LoRAFunction(torch.autograd.Function):
     """y = [x·W0ᵀ + b] + s·(q·m⊙x)·Dᵀ·Uᵀ with the backward of the module docstring; ``weight=None`` gives the
     low-rank term alone (the ALLoRA rule on the unfused path). Inputs after the tensors: ``scaling`` s,
@@ -189,6 +243,40 @@ class LoRAFunction(torch.autograd.Function):
         return dx, None, None, d_down, d_up, None, None, None, None, None
 
 
+class DoRAFunction(torch.autograd.Function):
+    """DoRA's layer y = k ⊙ (x·W0ᵀ + s·(q·m⊙x)·Dᵀ·Uᵀ) + b, k = m/n, with the backward of the module docstring:
+    saved are x, the mask and ŷ (the output itself when there is no bias), nothing weight-sized. Inputs after x,
+    W0, b, D, U, mask: ``magnitude`` m (trainable), ``norm`` n (detached, from ``DoRALayer.weight_norm``), then
+    ``scaling``, ``p``, ``layout``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, down, up, mask, magnitude, norm, scaling: float, p: float, layout: str):
+        dtype = _autocast_dtype(x.device.type)
+        n_in = down.shape[1]
+        flat_mask = None if mask is None else mask.reshape(-1, n_in)
+        with torch.autocast(x.device.type, enabled=False):
+            y, y_pre = _dora_forward(x.reshape(-1, n_in), weight, bias, down, up, flat_mask,
+                                     _post_scale(magnitude, norm), scaling, p, layout, dtype)
+        ctx.save_for_backward(x, weight, down, up, mask, magnitude, norm, y_pre)
+        ctx.spec, ctx.dtype = (scaling, p, layout), dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, down, up, mask, magnitude, norm, y_pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        n_in = down.shape[1]
+        tensors = (weight, None, down, up, None if mask is None else mask.reshape(-1, n_in), None, magnitude, norm)
+        with torch.autocast(x.device.type, enabled=False):
+            dx, d_down, d_up, d_mag = _proj_backward(
+                grad_out.reshape(-1, up.shape[0]), x.reshape(-1, n_in), tensors, ctx.spec, ctx.dtype, y_pre,
+                need[0], need[3], need[4], need[6],
+            )
+        if dx is not None:
+            dx = dx.to(x.dtype).view(x.shape)
+        return dx, None, None, d_down, d_up, None, d_mag, None, None, None, None
+
+
 def _silu_grad(e: Tensor, grad: Tensor) -> Tensor:
     """∂L/∂e for a = silu(e) = e·σ(e): grad·σ(e)·(1 + e·(1 − σ(e))), as one kernel (aten's silu_backward)."""
     return torch.ops.aten.silu_backward(grad, e)
@@ -203,45 +291,43 @@ class GatedMLPFunction(torch.autograd.Function):
     """A Llama/Qwen-style gated MLP, y = down(act(gate(x)) ⊙ up(x)), with an adapter on each of the three
     projections, as one Function (Unsloth's ``LoRA_MLP`` idea, our own code):
 
-        e = gate(x),  u = up(x)                     (each: W·x + b + s·U·D·(q·m⊙x), as ``LoRAFunction``)
+        e = gate(x),  u = up(x)                     (each: a projection of ``_proj_forward``: LoRA family or DoRA)
         y = down(act(e) ⊙ u)
 
-    Saved for backward: x, e and u (and the dropout masks); act(e) and the product are recomputed in backward.
-    Backward: with z = act(e) ⊙ u recomputed, (∂L/∂z, the down factors' gradients) from ``_lowrank_backward``;
+    Saved for backward: x, e and u (and the dropout masks; for DoRA projections ŷ too, which is e, u or y itself
+    when the projection has no bias); act(e) and the product are recomputed in backward.
+    Backward: with z = act(e) ⊙ u recomputed, (∂L/∂z, the down factors' gradients) from ``_proj_backward``;
     ∂L/∂e = act'(e)·u·∂L/∂z, ∂L/∂u = act(e)·∂L/∂z; then gate and up as single layers, ∂L/∂x their sum.
     ``act``: any activation module; SiLU's derivative is written out, others are differentiated by autograd
-    on the recomputed e. Inputs: x, then (weight, bias, D, U, mask, coef) for gate, up and down, then the
-    non-tensor ``specs`` ((s, p, layout) three times) and ``act``."""
+    on the recomputed e. Inputs: x, then (W0, b, D, U, mask, c, m, n) for gate, up and down (m, n: DoRA's
+    magnitude and row norm, None for the LoRA family), then the non-tensor ``specs`` ((s, p, layout) three
+    times) and ``act``."""
 
     @staticmethod
     def forward(ctx, x, *args):
-        tensors, specs, act = args[:18], args[18], args[19]
+        tensors, specs, act = args[:24], args[24], args[25]
         dtype = _autocast_dtype(x.device.type)
-        gate, up, down = tensors[0:6], tensors[6:12], tensors[12:18]
-        n_in = gate[2].shape[1]
-        x2 = x.reshape(-1, n_in)
-        flat = lambda m: None if m is None else m.reshape(-1, m.shape[-1])  # noqa: E731
+        projections = [_flat_masks(tensors[i:i + 8]) for i in (0, 8, 16)]
+        x2 = x.reshape(-1, projections[0][2].shape[1])
         with torch.autocast(x.device.type, enabled=False):
-            e = _lowrank_forward(x2, *gate[:4], flat(gate[4]), *specs[0], dtype)
-            u = _lowrank_forward(x2, *up[:4], flat(up[4]), *specs[1], dtype)
+            e, e_pre = _proj_forward(x2, projections[0], specs[0], dtype)
+            u, u_pre = _proj_forward(x2, projections[1], specs[1], dtype)
             z = act(e) * u
-            y = _lowrank_forward(z, *down[:4], flat(down[4]), *specs[2], dtype)
+            y, y_pre = _proj_forward(z, projections[2], specs[2], dtype)
         del z
-        ctx.save_for_backward(x, e, u, *tensors)
+        ctx.save_for_backward(x, e, u, e_pre, u_pre, y_pre, *tensors)
         ctx.specs, ctx.act, ctx.dtype = specs, act, dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, e, u, *tensors = ctx.saved_tensors
+        x, e, u, e_pre, u_pre, y_pre, *tensors = ctx.saved_tensors
         specs, act, dtype = ctx.specs, ctx.act, ctx.dtype
-        gate, up, down = tensors[0:6], tensors[6:12], tensors[12:18]
+        gate, up, down = (_flat_masks(tensors[i:i + 8]) for i in (0, 8, 16))
         needs = ctx.needs_input_grad
-        need = lambda i: (needs[1 + i + 2], needs[1 + i + 3])  # noqa: E731 - (D, U) of the projection at i
-        flat = lambda m: None if m is None else m.reshape(-1, m.shape[-1])  # noqa: E731
-        n_in = gate[2].shape[1]
-        x2 = x.reshape(-1, n_in)
-        grads: list = [None] * 18
+        need = lambda i: (needs[1 + i + 2], needs[1 + i + 3], needs[1 + i + 6])  # noqa: E731 - D, U, m at i
+        x2 = x.reshape(-1, gate[2].shape[1])
+        grads: list = [None] * 24
         with torch.autocast(x.device.type, enabled=False):
             if is_silu(act):
                 a = torch.nn.functional.silu(e)
@@ -252,9 +338,7 @@ class GatedMLPFunction(torch.autograd.Function):
                 a = a_graph.detach()
             z = a * u
             g2 = grad_out.reshape(-1, down[3].shape[0])
-            dz, grads[14], grads[15] = _lowrank_backward(
-                g2, z, down[0], down[2], down[3], flat(down[4]), down[5], *specs[2], dtype, True, *need(12)
-            )
+            dz, grads[18], grads[19], grads[22] = _proj_backward(g2, z, down, specs[2], dtype, y_pre, True, *need(16))
             del z
             du = dz * a
             if is_silu(act):
@@ -263,17 +347,19 @@ class GatedMLPFunction(torch.autograd.Function):
                 (de,) = torch.autograd.grad(a_graph, e_leaf, dz * u)
             del dz, a
             need_x = needs[0]
-            dx_u, grads[8], grads[9] = _lowrank_backward(
-                du, x2, up[0], up[2], up[3], flat(up[4]), up[5], *specs[1], dtype, need_x, *need(6)
-            )
+            dx_u, grads[10], grads[11], grads[14] = _proj_backward(du, x2, up, specs[1], dtype, u_pre, need_x, *need(8))
             del du
-            dx_g, grads[2], grads[3] = _lowrank_backward(
-                de, x2, gate[0], gate[2], gate[3], flat(gate[4]), gate[5], *specs[0], dtype, need_x, *need(0)
-            )
+            dx_g, grads[2], grads[3], grads[6] = _proj_backward(de, x2, gate, specs[0], dtype, e_pre, need_x, *need(0))
             dx = None
             if need_x:
                 dx = (dx_g + dx_u.to(dx_g.dtype)).to(x.dtype).view(x.shape)
         return (dx, *grads, None, None)
+
+
+def _flat_masks(tensors) -> tuple:
+    """A projection's (W0, b, D, U, mask, c, m, n) with the mask as 2-D (tokens × in)."""
+    mask = tensors[4]
+    return (*tensors[:4], None if mask is None else mask.reshape(-1, mask.shape[-1]), *tensors[5:])
 
 
 class ALLoRAConv2dFunction(torch.autograd.Function):

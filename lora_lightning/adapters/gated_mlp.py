@@ -11,7 +11,7 @@ the product in backward (Unsloth's ``LoRA_MLP`` idea, our own code, with dropout
 
 ``patch_gated_mlps(model)`` (called by ``inject_adapters`` when ``AdapterConfig.fused`` and ``fused_mlp`` are
 on) replaces, on the instance, the ``forward`` of every module that has ``gate_proj``, ``up_proj``,
-``down_proj`` (all three adapter layers of the LoRA family) and ``act_fn``, after checking on a probe input that
+``down_proj`` (all three fusable adapter layers: the LoRA family or DoRA) and ``act_fn``, after checking on a probe input that
 the fused computation equals the module's own forward (so a module with these names but another formula is
 left alone). At every call the patched forward falls back to the module's own forward when the Function cannot
 apply: a merged or unfusable layer (W0 trainable, sharded, hooked), hooks on the projections (FSDP2 units
@@ -46,7 +46,8 @@ def _projection_inputs(layer: AdapterLayer, x_shape, device, p: float, coef_on: 
     down, up = layer.factors()
     mask = torch.empty(*x_shape[:-1], down.shape[1], dtype=torch.bool, device=device).bernoulli_(1.0 - p) if p else None
     coef = layer.allora_coefficients(down, up) if coef_on and layer.allora_eta is not None else None
-    return (layer.base.weight, layer.base.bias, down, up, mask, coef), (layer.scaling, p, layer.kind)
+    magnitude, norm = layer.output_scale()
+    return (layer.base.weight, layer.base.bias, down, up, mask, coef, magnitude, norm), (layer.scaling, p, layer.kind)
 
 
 def fused_gated_mlp(module: nn.Module, x: Tensor, dropout: bool = True) -> Tensor:
@@ -74,7 +75,7 @@ def forward(self: nn.Module, x: Tensor) -> Tensor:
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
-    """Has ``gate_proj``, ``up_proj``, ``down_proj`` (LoRA-family adapter layers) and ``act_fn``."""
+    """Has ``gate_proj``, ``up_proj``, ``down_proj`` (fusable adapter layers: LoRA family, DoRA) and ``act_fn``."""
     layers = [getattr(module, name, None) for name in PROJECTIONS]
     return (
         hasattr(module, "act_fn")
