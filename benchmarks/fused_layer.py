@@ -125,6 +125,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", default="lora,dora", help="comma list of lora, dora")
     p.add_argument("--child", nargs=4, metavar=("UNIT", "IMPL", "METHOD", "DROPOUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -132,9 +133,10 @@ def main() -> None:
         return child(args)
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0",
            "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    runs: dict[tuple, list[dict]] = {c: [] for c in CONFIGS}
+    methods = args.methods.split(",")
+    runs: dict[tuple, list[dict]] = {c: [] for c in CONFIGS if c[2] in methods}
     for r in range(args.rounds):
-        for config in CONFIGS:
+        for config in runs:
             cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads), "--child",
                    *map(str, config)]
             out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
@@ -145,7 +147,7 @@ def main() -> None:
           f"{args.threads} thread(s); median of {args.rounds} fresh processes × {args.steps} steps\n")
     print("| unit | method | dropout | implementation | step (ms) | held (MiB) | saved (MiB) | held / PEFT |")
     print("|---|---|---|---|---|---|---|---|")
-    for config in CONFIGS:
+    for config in runs:
         unit, impl, method, dropout = config
         m, peft = med[config], med[(unit, "peft", method, dropout)]
         print(f"| {unit} | {method} | {dropout:g} | {impl} | {1e3 * m['step']:.1f} | {m['held'] / MIB:.1f} | "
