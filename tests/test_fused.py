@@ -243,3 +243,45 @@ def test_fused_dora_zero_magnitude_row_has_zero_output_and_finite_gradients():
     assert g_f[mag][3] == 0 and g_p[mag][3] != 0
     keep = torch.arange(12) != 3
     torch.testing.assert_close(g_f[mag][keep], g_p[mag][keep], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", FUSED_METHODS)
+def test_fused_layer_output_can_be_modified_in_place(method):
+    """An in-place op on the layer's output (torchvision's VGG / AlexNet classifiers: Linear → ReLU(inplace=True))
+    works as on the plain path, with the same gradients: the Functions return a fresh tensor, not a view made
+    inside the Function (autograd forbids in-place ops on those)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(inplace=True))
+    fused, plain = _pair(model, method, 0.1, target_modules=["0"])
+    g = torch.Generator().manual_seed(3)
+    x, probe = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 12, generator=g)
+    _assert_same(_run(fused, x, probe, "fp32"), _run(plain, x, probe, "fp32"), "fp32")
+
+
+def test_fused_gated_mlp_output_can_be_modified_in_place():
+    fused, plain = _pair(_mlp(bias=True), "dora", 0.1)
+    assert is_patched(fused[0])
+    g = torch.Generator().manual_seed(3)
+    x, probe = torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 16, generator=g)
+    results = []
+    for model in (fused, plain):
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(7)
+        (model(xx).mul_(2) * probe).sum().backward()
+        results.append((xx.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (dx_f, g_f), (dx_p, g_p) = results
+    torch.testing.assert_close(dx_f, dx_p)
+    for name in g_p:
+        torch.testing.assert_close(g_f[name], g_p[name])
+
+
+def test_fused_dora_without_bias_refuses_an_in_place_change_of_its_output_naming_the_fix():
+    """Without a bias DoRA's Function keeps its output ŷ itself for ∂L/∂m: an in-place op on it afterwards is an
+    error at backward (never a silently wrong ∂L/∂m) that names the fix."""
+    torch.manual_seed(0)
+    fused, _ = _pair(nn.Sequential(nn.Linear(16, 12, bias=False), nn.ReLU(inplace=True)), "dora", 0.0,
+                     target_modules=["0"])
+    y = fused(torch.randn(2, 5, 16, requires_grad=True))
+    with pytest.raises(RuntimeError, match="fused=False"):
+        y.sum().backward()
