@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantize import dense_weight, dequantize
-from .functional import NORMS, ALLoRAConv2dFunction, LoRAFunction, allora_coefficients, apply_mask, dropout_mask
+from .functional import (
+    NORMS, ALLoRAConv2dFunction, LoRAFunction, allora_coefficients, apply_mask, dropout_mask, unflatten_tokens,
+)
 
 try:
     from torch.distributed.tensor import DTensor
@@ -153,7 +155,8 @@ class AdapterLayer(nn.Module):
                 return ALLoRAConv2dFunction.apply(apply_mask(x, dropout_mask(x, p), p) if p else x, down, up, coef,
                                                   self.scaling, self.base)
             mask = dropout_mask(x, p) if p else None
-            return LoRAFunction.apply(x, None, None, down, up, mask, coef, self.scaling, p, self.kind)
+            out = LoRAFunction.apply(x, None, None, down, up, mask, coef, self.scaling, p, self.kind)
+            return unflatten_tokens(out, x)
         if p:
             x = apply_mask(x, dropout_mask(x, p), p)
         if x.dtype != down.dtype and not torch.is_autocast_enabled(x.device.type):
@@ -190,9 +193,8 @@ class AdapterLayer(nn.Module):
             coef = None
             if self.allora_eta is not None and torch.is_grad_enabled():
                 coef = self.allora_coefficients(down, up)
-            return LoRAFunction.apply(
-                x, self.base.weight, self.base.bias, down, up, mask, coef, self.scaling, p, self.kind
-            )
+            out = LoRAFunction.apply(x, self.base.weight, self.base.bias, down, up, mask, coef, self.scaling, p, self.kind)
+            return unflatten_tokens(out, x)
         out = self.base(x)
         return out + self.adapter_output(x).to(out.dtype)
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantize import compute_dtype, dense_weight, dequantize, is_quantized, linear_4bit, storage_key
-from .functional import DoRAFunction, dropout_mask
+from .functional import DoRAFunction, dropout_mask, unflatten_tokens
 from .lora import LoRALayer
 
 
@@ -139,8 +139,9 @@ class DoRALayer(LoRALayer):
             down, up = self.factors()
             p = self._dropout_p()
             mask = dropout_mask(x, p) if p else None
-            return DoRAFunction.apply(x, self.base.weight, self.base.bias, down, up, mask, self.magnitude,
-                                      self.weight_norm(), self.scaling, p, self.kind)
+            out = DoRAFunction.apply(x, self.base.weight, self.base.bias, down, up, mask, self.magnitude,
+                                     self.weight_norm(), self.scaling, p, self.kind)
+            return unflatten_tokens(out, x)
         out = self._base_no_bias(x)
         out = out + self.adapter_output(x).to(out.dtype)
         norm = self.weight_norm()

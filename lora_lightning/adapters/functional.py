@@ -42,6 +42,13 @@ extra bytes where the next op keeps its input anyway, e.g. the gated MLP's gate 
 values). [ours] A row with m_i = 0 exactly has ŷ_i = 0 and gets ∂L/∂m_i = 0 on this path (the plain path,
 ``fused: false``, differentiates it); the initial m is the row norm clamped at 1e-12, never 0.
 
+Output shape: each Function returns its result as tokens × out (2-D, a fresh tensor); ``unflatten_tokens``
+gives it x's leading dims OUTSIDE the Function. A view made inside a custom Function cannot be modified in place
+(autograd refuses: it would bypass the custom backward), so returning one broke any in-place op after the layer,
+e.g. torchvision's VGG classifier (Linear → ReLU(inplace=True)); a view made outside is ordinary. DoRA without a
+bias saves its own output ŷ, so an in-place op on it is an error at backward (``MODIFIED_OUTPUT``, naming the fix),
+never a silently wrong ∂L/∂m; with a bias ŷ is private and in-place ops after the layer are fine.
+
 Mixed precision: under autocast the matmuls run in the autocast dtype (as ``F.linear`` would), in backward
 too (the casts of x and W0 are redone there, transient, instead of keeping cast copies alive).
 """
@@ -68,6 +75,30 @@ def allora_coefficients(down: Tensor, up: Tensor, scaling: float, eta: float, no
         sq = ((u @ (d @ d.T)) * u).sum(1).clamp_min(0) * (scaling * scaling)
         rows = sq if norm == "squared" else sq.sqrt()
         return (rows + eta**-2).rsqrt()
+
+
+MODIFIED_OUTPUT = (
+    "a fused layer's output that its backward needs (DoRA without a bias keeps its output ŷ for ∂L/∂m; the fused "
+    "gated MLP keeps the down projection's) was modified by an in-place op after the layer (e.g. "
+    "nn.ReLU(inplace=True), x += …): make that op out-of-place, or use the plain path, AdapterConfig(fused=False) "
+    "(config: `fused: false`)"
+)
+
+
+def unflatten_tokens(out: Tensor, x: Tensor) -> Tensor:
+    """A Function's tokens × out result as (*x.shape[:-1], out): a view made outside the Function, so the caller may
+    modify it in place (module docstring, "Output shape")."""
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def _saved_or_explain(ctx) -> tuple:
+    """``ctx.saved_tensors``, with autograd's "modified by an inplace operation" turned into ``MODIFIED_OUTPUT``."""
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as err:
+        if "inplace operation" in str(err):
+            raise RuntimeError(MODIFIED_OUTPUT) from err
+        raise
 
 
 def dropout_mask(x: Tensor, p: float) -> Tensor:
@@ -214,7 +245,7 @@ def _proj_backward(g2, x2, tensors, spec, dtype, y_pre, need_x: bool, need_down:
 class LoRAFunction(torch.autograd.Function):
     """y = [x·W0ᵀ + b] + s·(q·m⊙x)·Dᵀ·Uᵀ with the backward of the module docstring; ``weight=None`` gives the
     low-rank term alone (the ALLoRA rule on the unfused path). Inputs after the tensors: ``scaling`` s,
-    ``p`` (the dropout rate of ``mask``), ``layout`` ("linear" | "conv1d")."""
+    ``p`` (the dropout rate of ``mask``), ``layout`` ("linear" | "conv1d"). Returns tokens × out (``unflatten_tokens``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, mask, coef, scaling: float, p: float, layout: str):
@@ -225,7 +256,7 @@ class LoRAFunction(torch.autograd.Function):
                                    None if mask is None else mask.reshape(-1, n_in), scaling, p, layout, dtype)
         ctx.save_for_backward(x, weight, down, up, mask, coef)
         ctx.scaling, ctx.p, ctx.layout, ctx.dtype = scaling, p, layout, dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # tokens × out: ``unflatten_tokens`` outside
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -247,7 +278,7 @@ class DoRAFunction(torch.autograd.Function):
     """DoRA's layer y = k ⊙ (x·W0ᵀ + s·(q·m⊙x)·Dᵀ·Uᵀ) + b, k = m/n, with the backward of the module docstring:
     saved are x, the mask and ŷ (the output itself when there is no bias), nothing weight-sized. Inputs after x,
     W0, b, D, U, mask: ``magnitude`` m (trainable), ``norm`` n (detached, from ``DoRALayer.weight_norm``), then
-    ``scaling``, ``p``, ``layout``."""
+    ``scaling``, ``p``, ``layout``. Returns tokens × out (``unflatten_tokens``)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, mask, magnitude, norm, scaling: float, p: float, layout: str):
@@ -259,11 +290,11 @@ class DoRAFunction(torch.autograd.Function):
                                      _post_scale(magnitude, norm), scaling, p, layout, dtype)
         ctx.save_for_backward(x, weight, down, up, mask, magnitude, norm, y_pre)
         ctx.spec, ctx.dtype = (scaling, p, layout), dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # tokens × out (ŷ itself without a bias): ``unflatten_tokens`` outside
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, down, up, mask, magnitude, norm, y_pre = ctx.saved_tensors
+        x, weight, down, up, mask, magnitude, norm, y_pre = _saved_or_explain(ctx)
         need = ctx.needs_input_grad
         n_in = down.shape[1]
         tensors = (weight, None, down, up, None if mask is None else mask.reshape(-1, n_in), None, magnitude, norm)
@@ -301,7 +332,7 @@ class GatedMLPFunction(torch.autograd.Function):
     ``act``: any activation module; SiLU's derivative is written out, others are differentiated by autograd
     on the recomputed e. Inputs: x, then (W0, b, D, U, mask, c, m, n) for gate, up and down (m, n: DoRA's
     magnitude and row norm, None for the LoRA family), then the non-tensor ``specs`` ((s, p, layout) three
-    times) and ``act``."""
+    times) and ``act``. Returns tokens × hidden (``unflatten_tokens``)."""
 
     @staticmethod
     def forward(ctx, x, *args):
@@ -317,11 +348,11 @@ class GatedMLPFunction(torch.autograd.Function):
         del z
         ctx.save_for_backward(x, e, u, e_pre, u_pre, y_pre, *tensors)
         ctx.specs, ctx.act, ctx.dtype = specs, act, dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y  # tokens × hidden: ``unflatten_tokens`` outside
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, e, u, e_pre, u_pre, y_pre, *tensors = ctx.saved_tensors
+        x, e, u, e_pre, u_pre, y_pre, *tensors = _saved_or_explain(ctx)
         specs, act, dtype = ctx.specs, ctx.act, ctx.dtype
         gate, up, down = (_flat_masks(tensors[i:i + 8]) for i in (0, 8, 16))
         needs = ctx.needs_input_grad

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import DTensor, AdapterLayer
-from .functional import GatedMLPFunction, dropout_mask
+from .functional import GatedMLPFunction, dropout_mask, unflatten_tokens
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -64,7 +64,7 @@ def fused_gated_mlp(module: nn.Module, x: Tensor, dropout: bool = True) -> Tenso
             t, spec = _projection_inputs(layer, x.shape, x.device, p, coef_on)
         tensors += t
         specs.append(spec)
-    return GatedMLPFunction.apply(x, *tensors, tuple(specs), module.act_fn)
+    return unflatten_tokens(GatedMLPFunction.apply(x, *tensors, tuple(specs), module.act_fn), x)
 
 
 def forward(self: nn.Module, x: Tensor) -> Tensor:
