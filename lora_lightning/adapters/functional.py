@@ -30,17 +30,20 @@ QLoRA: a 4-bit W0 (``lora_lightning.quantize``) is dequantised to the compute dt
 inside backward, a per-call temporary of one layer (as torchao's ``linear_nf4`` and bitsandbytes do); only the
 4-bit tensor is referenced by the saved state, so ∂L/∂x = g·deq(W0) + … flows through the 4-bit matmul.
 
-DoRA (Liu et al. 2024, arXiv 2402.09353; ``dora.py``) on the same path, with k = m/n (n = ‖W0 + s·U·D‖_row, a
-constant in backward as in the paper's §4.3) multiplying every output row:
+DoRA (Liu et al. 2024, arXiv 2402.09353; ``dora.py``) on the same path, with k = m/n (here m ∈ R^{out} is DoRA's
+magnitude, not the dropout mask, which enters only through x̃ = q·mask⊙x; n = ‖W0 + s·U·D‖_row, a constant in
+backward as in the paper's §4.3) multiplying every output row:
 
-    forward     ŷ = k ⊙ (x·W0ᵀ + s·(q·m⊙x)·Dᵀ·Uᵀ),   y = ŷ + b
+    forward     ŷ = k ⊙ (x·W0ᵀ + s·x̃·Dᵀ·Uᵀ),   y = ŷ + b
     backward    the LoRA backward above with g replaced by k⊙g, and
                 ∂L/∂m_i = Σ_t g_ti·(W0·x_t + s·U·D·x̃_t)_i / n_i = Σ_t g_ti·ŷ_ti / m_i
 
 so DoRA keeps what LoRA keeps plus ŷ, which IS the output when the layer has no bias (saved by reference: no
 extra bytes where the next op keeps its input anyway, e.g. the gated MLP's gate and up outputs or attention's
-values). [ours] A row with m_i = 0 exactly has ŷ_i = 0 and gets ∂L/∂m_i = 0 on this path (the plain path,
-``fused: false``, differentiates it); the initial m is the row norm clamped at 1e-12, never 0.
+values; an out-sized extra where it does not, e.g. o_proj / down_proj feeding a residual add, and always with a
+bias, where ŷ is a tensor of its own). [ours] A row with m_i = 0 exactly has ŷ_i = 0 and gets ∂L/∂m_i = 0 on
+this path (the plain path, ``fused: false``, differentiates it); the initial m is the row norm clamped at 1e-12,
+never 0.
 
 Output shape: each Function returns its result as tokens × out (2-D, a fresh tensor); ``unflatten_tokens``
 gives it x's leading dims OUTSIDE the Function. A view made inside a custom Function cannot be modified in place
