@@ -224,8 +224,8 @@ def activation_bytes(
             per_token += d * k
         if layer.dropout is not None:
             per_token += width if fused else width * (d + 1)
-        if isinstance(layer, DoRALayer) and not (fused and roles[name] == "mlp_in"):
-            per_token += d * out  # its output ŷ (fused: the MLP keeps the gate and up outputs anyway)
+        if isinstance(layer, DoRALayer) and not (fused and roles[name] == "mlp_in" and layer.base.bias is None):
+            per_token += d * out  # its output ŷ (fused, no bias: the MLP keeps the gate and up outputs anyway)
     if unknown:
         notes.append(f"adapted layers of unknown role {unknown[:3]}: each counted as keeping its own input")
     if not acts:
