@@ -4,6 +4,7 @@ error), text labels map through a label vocabulary that is saved and reused, lab
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -163,10 +164,25 @@ def test_label_vocabulary_sorted_given_or_numeric(tiny_bert_dir, tmp_path):
 )
 def test_label_mismatches_name_the_value_the_file_and_the_fix(tiny_bert_dir, tmp_path, train, val, num_classes,
                                                               expected):
+    """A row whose label is not a class is a bad row (dropped with a counted warning, or the error with policy
+    error); a num_classes that disagrees with the labels is always an error."""
     train_path = write_tsv(tmp_path / "train.tsv", [(train[y], s) for y, s in SENTENCES])
     val_path = write_tsv(tmp_path / "dev.tsv", [(val[y], s) for y, s in SENTENCES[:6]]) if val else None
+    kw = dict(backbone=tiny_bert_dir, train_file=train_path, val_file=val_path, val_fraction=0.25,
+              num_classes=num_classes)
     with pytest.raises(BadDataError, match=expected):
-        _dm(tiny_bert_dir, train_path, val_file=val_path, val_fraction=0.25, num_classes=num_classes)
+        TextClassificationDataModule(on_bad_rows="error", **kw).setup()
+    if val is None:  # configuration, not rows: an error whatever the policy
+        with pytest.raises(BadDataError, match=expected):
+            TextClassificationDataModule(**kw).setup()
+        return
+    dm = TextClassificationDataModule(**kw)
+    (message,) = _setup_warnings(dm)
+    problem = expected.split(": ", 1)[1].split(".*")[0]
+    assert re.match(rf"{re.escape(val_path)}: dropped 3 of 6 rows with a label that is not a class: {problem}", message)
+    bad = [i for i, (y, _) in enumerate(SENTENCES[:6]) if val[y] not in train.values()]
+    assert f"(rows {', '.join(str(i + 1) for i in bad)}; row 1 = the first data row)" in message
+    assert _decoded(dm, tiny_bert_dir, "val") == [row for i, row in enumerate(SENTENCES[:6]) if i not in bad]
 
 
 def test_given_labels_fix_a_class_the_training_file_lacks(tiny_bert_dir, tmp_path):

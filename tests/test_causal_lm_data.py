@@ -143,8 +143,10 @@ def test_datamodule_counts_truncation_empty_and_bad_rows(tiny_llama_dir, tmp_pat
     bad = next(m for m in messages if "dropped 2 of 5 rows" in m)
     assert "train.jsonl" in bad and "rows 2, 4" in bad and "on_bad_rows: error" in bad
     assert dm.stats["train"] == {"examples": 3, "truncated": 1, "no_target": 1, "rows": 2}
-    assert any("1 of 3 examples were longer than max_length=12" in m for m in messages)
-    assert any("dropped 1 of 3 examples with no target token" in m for m in messages)
+    assert any(m.startswith(f"{train}: truncated 1 of 3 rows longer than max_length=12 tokens (longest: ") and
+               "tokens; row 3; row 1 = the first data row)" in m for m in messages)
+    assert any(m.startswith(f"{train}: dropped 1 of 3 examples with no target token after truncation to "
+                            "max_length=12 (row 3;") for m in messages)
     strict = _module(tiny_llama_dir, train_file=train, val_file=train, on_bad_rows="error")
     with pytest.raises(BadDataError, match=r"train.jsonl: 2 of 5 rows with a missing or empty 'instruction' or 'output' \(rows 2, 4;"):
         strict.setup("fit")
