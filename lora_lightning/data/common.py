@@ -23,8 +23,9 @@ FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"
 def load_files(files: dict[str, str], encoding: str = "utf-8") -> DatasetDict:
     """Local csv / tsv (tab-separated, via the csv builder) / json / jsonl / parquet files, one per split, text
     files decoded as ``encoding``. Each file is read on its own, so a file that cannot be parsed (a row with too
-    many fields, a json type clash, bytes that are not ``encoding``) is a ``BadDataError`` naming that file and the
-    parser's reason (with its line number)."""
+    many fields, a json type clash) is a ``BadDataError`` naming that file and the parser's reason (with its line
+    number). Text files are first checked to decode as ``encoding`` (a sequential read, ~1 s per GB), so that
+    other bytes are one error naming the first of them and its line, never a late UnicodeDecodeError."""
     suffixes = {Path(f).suffix.lower() for f in files.values()}
     unknown = suffixes - set(FILE_BUILDERS)
     if unknown:
@@ -41,12 +42,12 @@ def load_files(files: dict[str, str], encoding: str = "utf-8") -> DatasetDict:
         kwargs["encoding"] = encoding  # only when set, so that the cache of a utf-8 file stays the same
     splits = {}
     for split, f in files.items():
+        if builder != "parquet" and first_undecodable(f, encoding):  # pyarrow's json reader does not check
+            raise BadDataError(not_decodable(f, encoding))
         try:
             splits[split] = load_dataset(builder, data_files={split: str(f)}, split=split, **kwargs)
-        except (DatasetGenerationError, UnicodeDecodeError) as err:
+        except DatasetGenerationError as err:
             cause = err.__cause__ or err
-            if isinstance(cause, UnicodeDecodeError):
-                raise BadDataError(not_decodable(f, encoding)) from err
             raise BadDataError(
                 f"{f} cannot be read as {Path(f).suffix.lower()[1:]}: {type(cause).__name__}: {cause}. "
                 "Fix or delete that line (every row needs the header's columns, one value type per column)"
