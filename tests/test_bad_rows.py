@@ -366,3 +366,23 @@ def test_tokenising_is_cached_a_second_setup_reuses_it_and_shows_progress(tiny_b
     assert str(tmp_path / "cache") in first.splits["train"].cache_files[0]["filename"]
     TextClassificationDataModule(max_length=5, **kw).setup()
     assert len(calls) == 4
+
+
+def test_images_whose_label_is_not_a_class_are_dropped_or_stop_the_run(tmp_path):
+    from PIL import Image as PILImage
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog", "cow"])})
+    folder = tmp_path / "farm"
+    folder.mkdir()
+    pictures = [PILImage.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(5)]
+    Dataset.from_dict({"image": pictures, "label": [0, 1, 2, 0, 1]}, features=features).to_parquet(
+        str(folder / "train.parquet"))
+    kw = dict(dataset=str(folder), backbone=TINY_TIMM, image_size=16, labels=["cat", "dog"], num_classes=2,
+              augment=False, val_fraction=0.4)
+    dm = ImageClassificationDataModule(**kw)
+    (message,) = _setup_warnings(dm)
+    assert message.startswith(f"{folder}[train]: dropped 1 of 5 rows with a label that is not a class: labels 'cow' "
+                              "(1 row) are not in the label vocabulary [cat, dog] (row 3;")
+    assert sorted(ex["labels"] for split in ("train", "val") for ex in dm.splits[split]) == [0, 0, 1, 1]
+    with pytest.raises(BadDataError, match=r"labels 'cow' \(1 row\) are not in .* or set data.on_bad_rows: drop"):
+        ImageClassificationDataModule(on_bad_rows="error", **kw).setup()
