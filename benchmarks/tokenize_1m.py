@@ -38,8 +38,8 @@ def rss_mib():
         return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
 
 if spec["task"] == "text":
-    dm = TextClassificationDataModule(tokenizer=spec["tokenizer"], train_file=spec["file"], max_length=spec["max_length"],
-                                      num_classes=2, num_proc=spec["num_proc"])
+    dm = TextClassificationDataModule(tokenizer=spec["tokenizer"], train_file=spec["file"],
+                                      max_length=spec["max_length"], num_classes=2, num_proc=spec["num_proc"])
 else:
     dm = CausalLMDataModule(tokenizer=spec["tokenizer"], train_file=spec["file"], max_length=spec["max_length"],
                             add_eos=False, num_proc=spec["num_proc"])

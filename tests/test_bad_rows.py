@@ -295,8 +295,8 @@ def test_a_file_that_is_not_utf8_is_one_error_naming_the_byte_and_the_line_or_re
     with pytest.raises(BadDataError) as err:
         dm.setup("fit")
     assert str(err.value) == (
-        f"{path} is not utf-8 text: byte e9 at offset {offset} (line {line}). Re-encode it as UTF-8 (if it was saved as "
-        f"Latin-1 / Windows-1252: iconv -f latin1 -t utf-8 {path} > utf8-{path.name}) or set data.encoding to its "
+        f"{path} is not utf-8 text: byte e9 at offset {offset} (line {line}). Re-encode it as UTF-8 (if it was "
+        f"saved as Latin-1 / Windows-1252: iconv -f latin1 -t utf-8 {path} > utf8-{path.name}) or set data.encoding to its "
         "encoding (e.g. latin-1)")
     column = "sentence" if suffix == ".tsv" else "text"
     assert load_files({"train": str(path)}, encoding="latin-1")["train"][column] == lines

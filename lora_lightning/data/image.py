@@ -9,8 +9,8 @@ per-image PIL calls. Other datasets use timm's ``create_transform`` per image (t
 augmentation if ``augment``; eval: resize + centre crop).
 
 Each split as loaded goes through the shared bad-row policy (rows.py: a missing image or label, or a label that is
-not a class, is dropped with one counted warning, or is an error); labels map to ids through the label vocabulary (labels.py: a ClassLabel's own
-names, or sorted strings), which is saved with the checkpoint and adapter files.
+not a class, is dropped with one counted warning, or is an error); labels map to ids through the label vocabulary
+(labels.py: a ClassLabel's own names, or sorted strings), which is saved with the checkpoint and adapter files.
 """
 
 from __future__ import annotations
@@ -122,8 +122,12 @@ class ImageClassificationDataModule(SplitDataModule):
         features = splits[h.train_split].features if h.train_split in splits else next(iter(splits.values())).features
         image_col = h.image_column or next((c for c, f in features.items() if isinstance(f, Image)), "image")
         label_col = h.label_column or next((c for c, f in features.items() if isinstance(f, ClassLabel)), "label")
+        if h.train_split not in splits:
+            raise ValueError(f"split {h.train_split!r} not in the dataset; available splits: {', '.join(splits)}")
         sources = {name: f"{h.dataset}[{name}]" for name in splits}
-        for name, ds in splits.items():
+        used = [name for name in splits if name in (h.train_split, h.val_split or "validation", h.test_split)]
+        for name in used:  # not the others (e.g. an unlabelled test split)
+            ds = splits[name]
             for col in (image_col, label_col):
                 if col not in ds.features:
                     raise BadDataError(f"{sources[name]}: column {col!r} not found; columns: {', '.join(ds.features)} "
@@ -131,9 +135,9 @@ class ImageClassificationDataModule(SplitDataModule):
             splits[name] = filter_bad_rows(number_rows(ds), [image_col, label_col], sources[name], h.on_bad_rows)
         self.label_names = self._vocabulary(splits[h.train_split], label_col, sources[h.train_split])
         to_id = {}  # raw label value → class id (labels.py), per loaded split
-        for name, ds in splits.items():
-            splits[name], to_id[name] = check_labels(ds, label_col, self.label_names, h.num_classes, sources[name],
-                                                     h.on_bad_rows)
+        for name in used:
+            splits[name], to_id[name] = check_labels(splits[name], label_col, self.label_names, h.num_classes,
+                                                     sources[name], h.on_bad_rows)
         picked = pick_splits(splits, h.train_split, h.val_split, h.test_split, h.val_fraction, h.seed)
         picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
         val = h.val_split or ("validation" if "validation" in splits else None)

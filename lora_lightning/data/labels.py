@@ -67,8 +67,9 @@ def value_counts(ds: Dataset, column: str) -> Counter:
 
 
 def _name(value: Any, feature: Any) -> Any:
-    """A label as it maps to an id: a ClassLabel id as its name, a string stripped, anything else as it is."""
-    if isinstance(feature, ClassLabel):
+    """A label as it maps to an id: a ClassLabel id as its name (an id outside it, e.g. GLUE's unlabelled test
+    rows' -1, stays an id), a string stripped, anything else as it is."""
+    if isinstance(feature, ClassLabel) and 0 <= int(value) < feature.num_classes:
         return feature.int2str(int(value))
     return value.strip() if isinstance(value, str) else value
 
@@ -79,12 +80,6 @@ def named_counts(ds: Dataset, column: str) -> Counter:
     for v, n in value_counts(ds, column).items():
         named[_name(v, feature)] += n
     return named
-
-
-def label_values(ds: Dataset, column: str) -> list[Any]:
-    """The label column as names (ClassLabel ids become their names; strings stripped) or integer ids."""
-    feature = ds.features[column]
-    return [_name(v, feature) for v in ds[column]]
 
 
 def label_vocabulary(ds: Dataset, column: str, labels: Optional[Sequence[Any]] = None) -> Optional[list[str]]:
@@ -128,36 +123,26 @@ def label_ids(counts: dict[Any, int], names: Optional[Sequence[str]],
             out_of_range[i] += n
         else:
             ids[v] = i
+    problems, fixes = [], []
     if unknown:
         found = _preview([f"{v!r} ({n} row{'s' if n > 1 else ''})" for v, n in unknown.most_common()])
         if names is None:
-            return ids, (f"labels {found} are not class ids, but the training labels are integer ids",
-                         "Make the label column integers 0..C-1, or name the classes with data.labels: [...]")
-        every = _preview(list(names) + [str(v) for v in unknown])
-        return ids, (f"labels {found} are not in the label vocabulary [{_preview(list(names))}]",
-                     f"Fix or remove those rows, or name every class with data.labels: [{every}] (and set "
-                     "model.num_classes to match)")
+            problems.append(f"labels {found} are not class ids, but the training labels are integer ids")
+            fixes.append("Make the label column integers 0..C-1, or name the classes with data.labels: [...]")
+        else:
+            every = _preview(list(names) + [str(v) for v in unknown])
+            problems.append(f"labels {found} are not in the label vocabulary [{_preview(list(names))}]")
+            fixes.append(f"Fix or remove those rows, or name every class with data.labels: [{every}] (and set "
+                         "model.num_classes to match)")
     if out_of_range:
         found = _preview([f"{i} ({n} row{'s' if n > 1 else ''})" for i, n in sorted(out_of_range.items())])
         bound = f"the {classes} names of the label vocabulary" if names is not None else f"model.num_classes={classes}"
-        return ids, (f"label ids {found} are outside 0..{classes - 1 if classes else '?'} ({bound})",
-                     "Class ids must be 0..num_classes-1; set model.num_classes to the number of classes, or fix "
+        problems.append(f"label ids {found} are outside 0..{classes - 1 if classes else '?'} ({bound})")
+        fixes.append("Class ids must be 0..num_classes-1; set model.num_classes to the number of classes, or fix "
                      "those rows (unlabelled rows such as GLUE's test -1 need a labelled file)")
+    if problems:
+        return ids, ("; ".join(problems), ". ".join(fixes))
     return ids, None
-
-
-def encode_labels(values: Sequence[Any], names: Optional[Sequence[str]], num_classes: Optional[int],
-                  source: str) -> list[int]:
-    """Class ids of ``values`` (``label_ids``).
-
-    Raises:
-        BadDataError: a value without a class id; the message lists the offending values, their count,
-            ``source`` and the fix.
-    """
-    ids, problem = label_ids(Counter(values), names, num_classes)
-    if problem:
-        raise BadDataError(f"{source}: {problem[0]}. {problem[1]}")
-    return [ids[v] for v in values]
 
 
 def check_labels(ds: Dataset, column: str, names: Optional[Sequence[str]], num_classes: Optional[int],
@@ -216,5 +201,4 @@ def check_num_classes(names: Optional[Sequence[str]], train_ids: Sequence[int], 
         )
 
 
-__all__ = ["check_labels", "check_num_classes", "encode_labels", "label_ids", "label_values", "label_vocabulary",
-           "named_counts", "value_counts"]
+__all__ = ["check_labels", "check_num_classes", "label_ids", "label_vocabulary", "named_counts", "value_counts"]

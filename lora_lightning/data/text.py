@@ -99,6 +99,8 @@ class TextClassificationDataModule(SplitDataModule):
             sources = {name: f"{h.dataset}[{name}]" for name in splits}
             chosen = (h.train_split, h.val_split, h.test_split)
         for name, ds in splits.items():
+            if name not in {chosen[0], chosen[1] or "validation", chosen[2]}:
+                continue  # not used (e.g. GLUE's unlabelled test split): not checked
             missing = [c for c in self.text_columns if c not in ds.column_names]
             if missing:
                 raise BadDataError(
@@ -120,7 +122,7 @@ class TextClassificationDataModule(SplitDataModule):
         self.label_names = self._vocabulary(loaded[train], h.label_column, sources[train])  # the whole training split
         to_id = {}  # per loaded split: raw label value → class id
         for name, ds in loaded.items():
-            if h.label_column in ds.column_names:
+            if name in (train, val or "validation", test) and h.label_column in ds.column_names:
                 loaded[name], to_id[name] = check_labels(ds, h.label_column, self.label_names, h.num_classes,
                                                          sources[name], h.on_bad_rows)
         picked = pick_splits(loaded, train, val, test, h.val_fraction, h.seed)
