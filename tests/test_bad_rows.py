@@ -386,3 +386,21 @@ def test_images_whose_label_is_not_a_class_are_dropped_or_stop_the_run(tmp_path)
     assert sorted(ex["labels"] for split in ("train", "val") for ex in dm.splits[split]) == [0, 0, 1, 1]
     with pytest.raises(BadDataError, match=r"labels 'cow' \(1 row\) are not in .* or set data.on_bad_rows: drop"):
         ImageClassificationDataModule(on_bad_rows="error", **kw).setup()
+
+
+def test_a_json_column_of_mixed_types_is_checked_on_its_decoded_values(tmp_path):
+    """datasets stores a jsonl column holding both numbers and strings as json text (its ``Json`` feature)."""
+    from lora_lightning.data.common import load_files
+    from lora_lightning.data.labels import check_labels
+    from lora_lightning.data.rows import number_rows
+
+    rows = [{"sentence": s, "label": y} for s, y in zip("abcde", [1, "pos", None, "  ", 0])]
+    path = _write(tmp_path / "mixed.jsonl", rows)
+    ds = number_rows(load_files({"train": path})["train"])
+    with pytest.warns(BadRowsWarning, match=r"dropped 2 of 5 rows with a missing or empty 'sentence' or 'label' "
+                                            r"\(rows 3, 4;"):
+        ds = filter_bad_rows(ds, ["sentence", "label"], path)
+    with pytest.warns(BadRowsWarning, match=r"dropped 1 of 3 rows with a label that is not a class: labels 'pos' "
+                                            r"\(1 row\) are not class ids.* \(row 2;"):
+        ds, to_id = check_labels(ds, "label", None, 2, path, "drop")
+    assert ds["sentence"] == ["a", "e"] and to_id == {1: 1, 0: 0}

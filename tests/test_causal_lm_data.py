@@ -242,3 +242,29 @@ def test_unused_alpaca_no_input_template_follows_a_custom_template(tiny_llama_di
 
 def test_chat_template_constant_is_what_the_tokenizer_carries(tok):
     assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_malformed_chat_rows_are_dropped_and_a_second_setup_reuses_the_tokenised_cache(tiny_llama_dir, tmp_path,
+                                                                                       monkeypatch):
+    import datasets
+
+    from lora_lightning.data import causal_lm
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    calls = []
+    encode = causal_lm.encode_example
+    monkeypatch.setattr(causal_lm, "encode_example", lambda *a: calls.append(1) or encode(*a))
+    chat = [{"role": "user", "content": "what is 1 plus 2 ?"}, {"role": "assistant", "content": "3"}]
+    rows = [{"messages": chat}, {"messages": [{"content": "no role"}]}, {"messages": []}, {"messages": chat}]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    dm = _module(tiny_llama_dir, train_file=train, val_file=train)
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    bad = [str(w.message) for w in record if "dropped" in str(w.message)]
+    assert bad[0] == (f"{train}: dropped 2 of 4 rows with a missing or empty 'messages', or unusable (row 2: turn 0 "
+                      "has no role) (rows 2, 3; row 1 = the first data row). Set data.on_bad_rows: error to stop instead")
+    assert len(calls) == 4 and len(dm.splits["train"]) == len(dm.splits["val"]) == 2
+    again = _module(tiny_llama_dir, train_file=train, val_file=train)
+    again.setup("fit")
+    assert len(calls) == 4  # loaded from datasets' cache, not tokenised again
+    assert again.splits["train"][:] == dm.splits["train"][:]

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset
 
-from .rows import BadDataError, arrow_batches, drop_rows, is_empty
+from .rows import JSON, BadDataError, arrow_batches, decoded, drop_rows, is_empty
 
 SHOWN_VALUES = 8
 
@@ -57,13 +57,22 @@ def _sorted_names(names: set[str]) -> list[str]:
 
 
 def value_counts(ds: Dataset, column: str) -> Counter:
-    """How many rows hold each distinct value of ``column`` (read in Arrow batches; empty values excluded)."""
+    """How many rows hold each distinct value of ``column`` (read in Arrow batches; empty values excluded; the
+    values of a column of mixed json types as they decode, a list or dict as its text)."""
     counts: Counter = Counter()
+    feature = ds.features[column]
     for batch in arrow_batches(ds, [column]):
+        if isinstance(feature, JSON):
+            counts.update(_hashable(v) for v in decoded(batch.column(column), feature) if not is_empty(v))
+            continue
         for item in pc.value_counts(batch.column(column)).to_pylist():
             if not is_empty(item["values"]):
                 counts[item["values"]] += item["counts"]
     return counts
+
+
+def _hashable(value: Any) -> Any:
+    return str(value) if isinstance(value, (list, dict)) else value
 
 
 def _name(value: Any, feature: Any) -> Any:
@@ -159,11 +168,16 @@ def check_labels(ds: Dataset, column: str, names: Optional[Sequence[str]], num_c
     if policy == "error":
         raise BadDataError(f"{source}: {problem[0]}. {problem[1]}, or set data.on_bad_rows: drop to skip those rows "
                            "with a warning")
-    bad = pa.array([v for v in raw if v not in to_id], type=ds.features[column].pa_type)
+    bad = [v for v in raw if v not in to_id]
+    bad_set = pa.array(bad, type=feature.pa_type) if not isinstance(feature, JSON) else set(bad)
     positions, start = [], 0
     for batch in arrow_batches(ds, [column]):
-        flags = pc.fill_null(pc.is_in(batch.column(column), value_set=bad), False)
-        positions.append(np.flatnonzero(flags.to_numpy(zero_copy_only=False)) + start)
+        values = batch.column(column)
+        if isinstance(feature, JSON):
+            flags = np.array([_hashable(v) in bad_set for v in decoded(values, feature)], dtype=bool)
+        else:
+            flags = pc.fill_null(pc.is_in(values, value_set=bad_set), False).to_numpy(zero_copy_only=False)
+        positions.append(np.flatnonzero(flags) + start)
         start += batch.num_rows
     what = f"a label that is not a class: {problem[0]}"
     return drop_rows(ds, np.concatenate(positions), what, source, policy, problem[1]), to_id

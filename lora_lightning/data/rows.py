@@ -33,6 +33,7 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, Sequence
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -43,6 +44,7 @@ BAD_ROW_POLICIES = ("drop", "error")
 SHOWN_ROWS = 5  # how many row numbers a message lists
 ROW = "__row__"  # number_rows: each row's 0-based position in its source
 BATCH = 10_000  # rows per Arrow batch when scanning a split
+JSON = getattr(datasets, "Json", type(None))  # datasets ≥ 5: a column of mixed json types, stored as json text
 
 
 class BadDataError(ValueError):
@@ -95,11 +97,18 @@ def arrow_batches(ds: Dataset, columns: Sequence[str]) -> Iterator[pa.Table]:
         yield table.slice(start, BATCH) if indices is None else table.take(indices.column(0).slice(start, BATCH))
 
 
-def _empty(values: pa.ChunkedArray, decodable: bool) -> pa.Array:
+def decoded(values: pa.Array, feature: Any) -> list[Any]:
+    """The Python values of a ``JSON`` column's Arrow values (json text, null for a json null)."""
+    return [feature.decode_example(v) for v in values.to_pylist()]
+
+
+def _empty(values: pa.ChunkedArray, feature: Any) -> pa.Array:
     """Per value: missing or empty (``is_empty``), computed by Arrow for the common types."""
+    if isinstance(feature, JSON):
+        return pa.array([is_empty(v) for v in decoded(values, feature)], type=pa.bool_())
     flags = values.is_null()
     kind = values.type
-    if decodable:  # Image / Audio / Video: null or not, never decoded
+    if hasattr(feature, "decode"):  # Image / Audio / Video: null or not, never decoded
         return flags
     if pa.types.is_floating(kind):
         blank = pc.is_nan(values)
@@ -119,12 +128,11 @@ def bad_rows(ds: Dataset, columns: Sequence[str]) -> np.ndarray:
     absent = [c for c in columns if c not in ds.column_names]
     if absent:
         raise KeyError(f"columns {absent} not in the data (columns: {', '.join(ds.column_names)})")
-    decodable = {c: hasattr(ds.features[c], "decode") for c in columns}
     found, start = [], 0
     for batch in arrow_batches(ds, columns):
         flags = np.zeros(batch.num_rows, dtype=bool)
         for c in columns:
-            flags |= _empty(batch.column(c), decodable[c]).to_numpy(zero_copy_only=False)
+            flags |= _empty(batch.column(c), ds.features[c]).to_numpy(zero_copy_only=False)
         found.append(np.flatnonzero(flags) + start)
         start += batch.num_rows
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
@@ -191,11 +199,11 @@ def filter_bad_rows(
     what = f"a missing or empty {names}"
     if invalid is not None:
         empty, reasons, start = set(rows.tolist()), {}, 0
-        for batch in arrow_batches(ds, columns):
-            for i, row in enumerate(batch.to_pylist(), start):
-                if i not in empty and (reason := invalid(row)):
+        for batch in ds.select_columns(list(columns)).iter(batch_size=BATCH):  # decoded (e.g. datasets' Json)
+            for i, values in enumerate(zip(*batch.values()), start):
+                if i not in empty and (reason := invalid(dict(zip(batch, values)))):
                     reasons[i] = reason
-            start += batch.num_rows
+            start += len(batch[columns[0]])
         if reasons:
             rows = np.array(sorted(empty | set(reasons)), dtype=np.int64)
             first = min(reasons)
@@ -231,6 +239,7 @@ __all__ = [
     "BadRowsWarning",
     "ROW",
     "TruncatedRowsWarning",
+    "decoded",
     "bad_rows",
     "check_policy",
     "drop_rows",
