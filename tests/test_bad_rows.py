@@ -278,7 +278,7 @@ def test_a_file_that_cannot_be_parsed_names_the_file_and_the_line(tiny_bert_dir,
 def test_a_file_that_is_not_utf8_is_one_error_naming_the_byte_and_the_line_or_reads_with_its_encoding(
         tiny_bert_dir, tiny_llama_dir, tmp_path, suffix):
     from lora_lightning.data import CausalLMDataModule
-    from lora_lightning.data.common import load_files
+    from lora_lightning.data.common import load_any, load_files
 
     lines = ["a good film", "the acting is very good", "un film trop long, caf\xe9 froid", "lovely"]
     path = tmp_path / f"latin1{suffix}"
@@ -300,6 +300,12 @@ def test_a_file_that_is_not_utf8_is_one_error_naming_the_byte_and_the_line_or_re
         "encoding (e.g. latin-1)")
     column = "sentence" if suffix == ".tsv" else "text"
     assert load_files({"train": str(path)}, encoding="latin-1")["train"][column] == lines
+    folder = tmp_path / "folder"  # a dataset folder (data.dataset): the same check, the same option
+    folder.mkdir()
+    (folder / f"train{suffix}").write_bytes(path.read_bytes())
+    with pytest.raises(BadDataError, match=rf"^{folder}/train{suffix} is not utf-8 text: byte e9 at offset {offset} "):
+        load_any(str(folder))
+    assert load_any(str(folder), encoding="latin-1")["train"][column] == lines
 
 
 def test_rows_longer_than_max_length_are_truncated_and_counted_in_one_warning(tiny_bert_dir, tmp_path):

@@ -98,7 +98,7 @@ class CausalLMDataModule(SplitDataModule):
         max_prompt_length: the longest prompt kept for generation (its last tokens); None = ``max_length``.
         packing: pack several examples into each row of ``max_length`` tokens (``data.packing``).
         on_bad_rows: "drop" (counted warning naming the file and first rows) or "error".
-        encoding: of csv / json files (a file with other bytes is an error naming the byte and its line).
+        encoding: of csv / json files, local or in a folder (other bytes are an error naming the byte and its line).
         num_proc: processes for tokenising (datasets' ``map``); None = this process.
         train_split / val_split / test_split: split names; val_split None = "validation" if present, else a
             seeded ``val_fraction`` of train; test_split None = the validation split.
@@ -194,7 +194,7 @@ class CausalLMDataModule(SplitDataModule):
             sources = {k: files[k] for k in loaded}
             train, val, test = "train", ("validation" if h.val_file else None), ("test" if h.test_file else None)
         else:
-            loaded = load_any(h.dataset, h.dataset_config)
+            loaded = load_any(h.dataset, h.dataset_config, h.encoding)
             sources = {k: f"{h.dataset}[{k}]" for k in loaded}
             train, val, test = h.train_split, h.val_split, h.test_split
             for name in (train, val, test):

@@ -38,7 +38,7 @@ def load_files(files: dict[str, str], encoding: str = "utf-8") -> DatasetDict:
             raise FileNotFoundError(f"data file {f} not found (relative paths start at the working directory)")
     builder = builders.pop()
     kwargs: dict[str, Any] = {"delimiter": "\t"} if suffixes == {".tsv"} else {}
-    if encoding.lower().replace("_", "-") not in ("utf-8", "utf8") and builder != "parquet":
+    if not _is_utf8(encoding) and builder != "parquet":
         kwargs["encoding"] = encoding  # only when set, so that the cache of a utf-8 file stays the same
     splits = {}
     for split, f in files.items():
@@ -53,6 +53,10 @@ def load_files(files: dict[str, str], encoding: str = "utf-8") -> DatasetDict:
                 "Fix or delete that line (every row needs the header's columns, one value type per column)"
             ) from err
     return DatasetDict(splits)
+
+
+def _is_utf8(encoding: str) -> bool:
+    return codecs.lookup(encoding).name == "utf-8"
 
 
 def first_undecodable(path: str, encoding: str = "utf-8") -> Optional[tuple[int, int, bytes]]:
@@ -86,17 +90,16 @@ def not_decodable(path: str, encoding: str = "utf-8") -> str:
     )
 
 
-def load_any(dataset: str, config: Optional[str] = None) -> DatasetDict:
-    """A hub dataset (``load_dataset(name, config)``) or a local folder (imagefolder, csv folder ...)."""
-    try:
-        loaded = load_dataset(dataset, config)
-    except (DatasetGenerationError, UnicodeDecodeError) as err:
-        if not isinstance(err.__cause__ or err, UnicodeDecodeError):
-            raise
-        folder = Path(dataset)
-        files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FILE_BUILDERS) if folder.is_dir() else []
-        bad = next((p for p in files if p.suffix.lower() != ".parquet" and first_undecodable(str(p))), None)
-        raise BadDataError(not_decodable(str(bad)) if bad else f"{dataset}: {err.__cause__ or err}") from err
+def load_any(dataset: str, config: Optional[str] = None, encoding: str = "utf-8") -> DatasetDict:
+    """A hub dataset (``load_dataset(name, config)``) or a local folder (imagefolder, csv folder ...; its csv /
+    json files are first checked to decode as ``encoding``, as in ``load_files``)."""
+    kwargs = {} if _is_utf8(encoding) else {"encoding": encoding}
+    if Path(dataset).is_dir():
+        for path in sorted(Path(dataset).rglob("*")):
+            suffix = path.suffix.lower()
+            if suffix in FILE_BUILDERS and suffix != ".parquet" and first_undecodable(str(path), encoding):
+                raise BadDataError(not_decodable(str(path), encoding))
+    loaded = load_dataset(dataset, config, **kwargs)
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({"train": loaded})
     return loaded

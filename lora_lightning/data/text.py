@@ -35,7 +35,8 @@ class TextClassificationDataModule(SplitDataModule):
             training file lacks a class. Saved with the checkpoint and adapter files; predictions come back as names.
         on_bad_rows: "drop" rows with an empty text or label or a label that is not a class, with one warning per
             file naming the count and the first rows, or "error" (lora_lightning.data.rows).
-        encoding: of csv / tsv / json files (a file with other bytes is an error naming the byte and its line).
+        encoding: of csv / tsv / json files, local or in a folder (other bytes are an error naming the byte and its
+            line).
         train_split / val_split / test_split: split names; val_split None = "validation" if present, else a
             seeded ``val_fraction`` of train; test_split None = the validation split.
         max_length: truncation length in tokens (truncated rows are counted in one warning per split).
@@ -95,7 +96,7 @@ class TextClassificationDataModule(SplitDataModule):
             splits, sources = dict(load_files(files, h.encoding)), dict(files)
             chosen = ("train", "validation" if h.val_file else None, "test" if h.test_file else None)
         else:
-            splits = dict(load_any(h.dataset, h.dataset_config))
+            splits = dict(load_any(h.dataset, h.dataset_config, h.encoding))
             sources = {name: f"{h.dataset}[{name}]" for name in splits}
             chosen = (h.train_split, h.val_split, h.test_split)
         for name, ds in splits.items():
