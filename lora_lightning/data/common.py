@@ -187,7 +187,7 @@ class SplitDataModule(LightningDataModule):
 
     def set_label_names(self, names: Optional[list[str]]) -> None:
         """Use the vocabulary ``names`` (e.g. a checkpoint's) instead of the one built from the data; re-runs
-        ``setup`` if it already ran with another one. A label of the data outside ``names`` is a ``BadDataError``."""
+        ``setup`` if it already ran with another one. A row whose label is outside ``names`` is a bad row (labels.py)."""
         self._kept_names = list(names) if names is not None else None
         if self.splits and self._kept_names != self.label_names:
             self.splits = {}
