@@ -4,6 +4,7 @@ error), text labels map through a label vocabulary that is saved and reused, lab
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -163,10 +164,25 @@ def test_label_vocabulary_sorted_given_or_numeric(tiny_bert_dir, tmp_path):
 )
 def test_label_mismatches_name_the_value_the_file_and_the_fix(tiny_bert_dir, tmp_path, train, val, num_classes,
                                                               expected):
+    """A row whose label is not a class is a bad row (dropped with a counted warning, or the error with policy
+    error); a num_classes that disagrees with the labels is always an error."""
     train_path = write_tsv(tmp_path / "train.tsv", [(train[y], s) for y, s in SENTENCES])
     val_path = write_tsv(tmp_path / "dev.tsv", [(val[y], s) for y, s in SENTENCES[:6]]) if val else None
+    kw = dict(backbone=tiny_bert_dir, train_file=train_path, val_file=val_path, val_fraction=0.25,
+              num_classes=num_classes)
     with pytest.raises(BadDataError, match=expected):
-        _dm(tiny_bert_dir, train_path, val_file=val_path, val_fraction=0.25, num_classes=num_classes)
+        TextClassificationDataModule(on_bad_rows="error", **kw).setup()
+    if val is None:  # configuration, not rows: an error whatever the policy
+        with pytest.raises(BadDataError, match=expected):
+            TextClassificationDataModule(**kw).setup()
+        return
+    dm = TextClassificationDataModule(**kw)
+    (message,) = _setup_warnings(dm)
+    problem = expected.split(": ", 1)[1].split(".*")[0]
+    assert re.match(rf"{re.escape(val_path)}: dropped 3 of 6 rows with a label that is not a class: {problem}", message)
+    bad = [i for i, (y, _) in enumerate(SENTENCES[:6]) if val[y] not in train.values()]
+    assert f"(rows {', '.join(str(i + 1) for i in bad)}; row 1 = the first data row)" in message
+    assert _decoded(dm, tiny_bert_dir, "val") == [row for i, row in enumerate(SENTENCES[:6]) if i not in bad]
 
 
 def test_given_labels_fix_a_class_the_training_file_lacks(tiny_bert_dir, tmp_path):
@@ -253,3 +269,144 @@ def test_a_file_that_cannot_be_parsed_names_the_file_and_the_line(tiny_bert_dir,
     path.write_text("label\tsentence\n1\ta good film\n0\tbad\tstray field\n")
     with pytest.raises(BadDataError, match=rf"^{path} cannot be read as tsv: ParserError: .*Expected 2 fields in line 3"):
         _dm(tiny_bert_dir, path, num_classes=2)
+
+
+# -- at scale: non-UTF-8 files, truncation, Arrow-batched checks, the tokenising cache -----------------------------
+
+
+@pytest.mark.parametrize("suffix", [".tsv", ".jsonl"])
+def test_a_file_that_is_not_utf8_is_one_error_naming_the_byte_and_the_line_or_reads_with_its_encoding(
+        tiny_bert_dir, tiny_llama_dir, tmp_path, suffix):
+    from lora_lightning.data import CausalLMDataModule
+    from lora_lightning.data.common import load_any, load_files
+
+    lines = ["a good film", "the acting is very good", "un film trop long, caf\xe9 froid", "lovely"]
+    path = tmp_path / f"latin1{suffix}"
+    if suffix == ".tsv":
+        body = "label\tsentence\n" + "".join(f"{i % 2}\t{s}\n" for i, s in enumerate(lines))
+        dm = TextClassificationDataModule(backbone=tiny_bert_dir, train_file=str(path), val_fraction=0.5, num_classes=2)
+        line = 4  # the header, then rows 1-3: the third data row
+    else:
+        body = "".join(json.dumps({"text": s}, ensure_ascii=False) + "\n" for s in lines)
+        dm = CausalLMDataModule(backbone=tiny_llama_dir, train_file=str(path), val_fraction=0.5)
+        line = 3
+    path.write_bytes(body.encode("latin-1"))  # é is the one byte 0xe9: not UTF-8
+    offset = body.encode("latin-1").index(b"\xe9")
+    with pytest.raises(BadDataError) as err:
+        dm.setup("fit")
+    assert str(err.value) == (
+        f"{path} is not utf-8 text: byte e9 at offset {offset} (line {line}). Re-encode it as UTF-8 (if it was "
+        f"saved as Latin-1 / Windows-1252: iconv -f latin1 -t utf-8 {path} > utf8-{path.name}) or set data.encoding to its "
+        "encoding (e.g. latin-1)")
+    column = "sentence" if suffix == ".tsv" else "text"
+    assert load_files({"train": str(path)}, encoding="latin-1")["train"][column] == lines
+    folder = tmp_path / "folder"  # a dataset folder (data.dataset): the same check, the same option
+    folder.mkdir()
+    (folder / f"train{suffix}").write_bytes(path.read_bytes())
+    with pytest.raises(BadDataError, match=rf"^{folder}/train{suffix} is not utf-8 text: byte e9 at offset {offset} "):
+        load_any(str(folder))
+    assert load_any(str(folder), encoding="latin-1")["train"][column] == lines
+
+
+def test_rows_longer_than_max_length_are_truncated_and_counted_in_one_warning(tiny_bert_dir, tmp_path):
+    path = write_tsv(tmp_path / "reviews.tsv", SENTENCES)  # rows 3 and 6 have 8 and 11 words: 10 and 13 tokens
+    dm = TextClassificationDataModule(backbone=tiny_bert_dir, train_file=path, val_file=path, num_classes=2,
+                                      max_length=9)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup()
+    from lora_lightning.data.rows import TruncatedRowsWarning
+
+    messages = [str(w.message) for w in caught if issubclass(w.category, TruncatedRowsWarning)]
+    expected = (f"{path}: truncated 2 of 12 rows longer than max_length=9 tokens (longest: 13 tokens; rows 3, 6; row 1 "
+                "= the first data row). Raise data.max_length to keep them whole")
+    assert messages == [expected, expected]  # once per split (train and validation are the same file here)
+    lengths = [len(ex["input_ids"]) for ex in dm.splits["val"]]
+    assert lengths[2] == lengths[5] == 9 and max(lengths) == 9  # truncated, still ending with [SEP]
+    assert dm.splits["val"][5]["input_ids"][-1] == dm.tokenizer.sep_token_id
+    assert set(dm.splits["val"].column_names) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+
+
+def test_bad_row_checks_read_arrow_batches_with_the_same_rules_as_is_empty(monkeypatch):
+    from lora_lightning.data import rows as rows_module
+
+    monkeypatch.setattr(rows_module, "BATCH", 3)  # several batches: positions carry across them
+    values = {
+        "text": ["a", " \t", None, "b", "", "c", "d"],
+        "number": [1.0, 2.0, float("nan"), None, 3.0, 4.0, 5.0],
+        "tokens": [[1], [2], [3], [], None, [4], [5]],
+        "turn": [{"role": "user"}, {"role": "user"}, None, {"role": "x"}, {"role": "y"}, {"role": "z"}, None],
+    }
+    ds = Dataset.from_dict(values)
+    for column, column_values in values.items():
+        expected = [i for i, v in enumerate(column_values) if rows_module.is_empty(v)]
+        assert rows_module.bad_rows(ds, [column]).tolist() == expected, column
+    assert rows_module.bad_rows(ds, list(values)).tolist() == [1, 2, 3, 4, 6]
+
+
+def test_tokenising_is_cached_a_second_setup_reuses_it_and_shows_progress(tiny_bert_dir, tmp_path, monkeypatch, capfd):
+    """The batched map writes datasets' Arrow cache; a fresh datamodule (as in a second run) with the same file,
+    tokenizer and settings loads it without tokenising; another max_length tokenises again. The progress bar is
+    not hidden by the CLI's console quieting."""
+    import datasets
+
+    from lora_lightning.console import quiet_console
+    from lora_lightning.data import text as text_module
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    calls = []
+    count = text_module.untruncated_lengths
+    monkeypatch.setattr(text_module, "untruncated_lengths", lambda *a: calls.append(1) or count(*a))
+    quiet_console()
+    path = write_tsv(tmp_path / "reviews.tsv", SENTENCES)
+    kw = dict(backbone=tiny_bert_dir, train_file=path, val_fraction=0.25, num_classes=2)
+    first = _dm(tiny_bert_dir, path, val_fraction=0.25, num_classes=2)
+    assert len(calls) == 2  # one batch per split
+    assert "tokenize train: 100%" in capfd.readouterr().err
+    second = TextClassificationDataModule(**kw)
+    second.setup()
+    assert len(calls) == 2  # nothing tokenised: both splits came from the cache
+    for split in ("train", "val"):
+        assert second.splits[split].cache_files == first.splits[split].cache_files
+        assert second.splits[split][:] == first.splits[split][:]
+    assert str(tmp_path / "cache") in first.splits["train"].cache_files[0]["filename"]
+    TextClassificationDataModule(max_length=5, **kw).setup()
+    assert len(calls) == 4
+
+
+def test_images_whose_label_is_not_a_class_are_dropped_or_stop_the_run(tmp_path):
+    from PIL import Image as PILImage
+
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog", "cow"])})
+    folder = tmp_path / "farm"
+    folder.mkdir()
+    pictures = [PILImage.new("RGB", (8, 8), (40 * i, 0, 0)) for i in range(5)]
+    Dataset.from_dict({"image": pictures, "label": [0, 1, 2, 0, 1]}, features=features).to_parquet(
+        str(folder / "train.parquet"))
+    kw = dict(dataset=str(folder), backbone=TINY_TIMM, image_size=16, labels=["cat", "dog"], num_classes=2,
+              augment=False, val_fraction=0.4)
+    dm = ImageClassificationDataModule(**kw)
+    (message,) = _setup_warnings(dm)
+    assert message.startswith(f"{folder}[train]: dropped 1 of 5 rows with a label that is not a class: labels 'cow' "
+                              "(1 row) are not in the label vocabulary [cat, dog] (row 3;")
+    assert sorted(ex["labels"] for split in ("train", "val") for ex in dm.splits[split]) == [0, 0, 1, 1]
+    with pytest.raises(BadDataError, match=r"labels 'cow' \(1 row\) are not in .* or set data.on_bad_rows: drop"):
+        ImageClassificationDataModule(on_bad_rows="error", **kw).setup()
+
+
+def test_a_json_column_of_mixed_types_is_checked_on_its_decoded_values(tmp_path):
+    """datasets stores a jsonl column holding both numbers and strings as json text (its ``Json`` feature)."""
+    from lora_lightning.data.common import load_files
+    from lora_lightning.data.labels import check_labels
+    from lora_lightning.data.rows import number_rows
+
+    rows = [{"sentence": s, "label": y} for s, y in zip("abcde", [1, "pos", None, "  ", 0])]
+    path = _write(tmp_path / "mixed.jsonl", rows)
+    ds = number_rows(load_files({"train": path})["train"])
+    with pytest.warns(BadRowsWarning, match=r"dropped 2 of 5 rows with a missing or empty 'sentence' or 'label' "
+                                            r"\(rows 3, 4;"):
+        ds = filter_bad_rows(ds, ["sentence", "label"], path)
+    with pytest.warns(BadRowsWarning, match=r"dropped 1 of 3 rows with a label that is not a class: labels 'pos' "
+                                            r"\(1 row\) are not class ids.* \(row 2;"):
+        ds, to_id = check_labels(ds, "label", None, 2, path, "drop")
+    assert ds["sentence"] == ["a", "e"] and to_id == {1: 1, 0: 0}

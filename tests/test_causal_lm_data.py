@@ -143,8 +143,10 @@ def test_datamodule_counts_truncation_empty_and_bad_rows(tiny_llama_dir, tmp_pat
     bad = next(m for m in messages if "dropped 2 of 5 rows" in m)
     assert "train.jsonl" in bad and "rows 2, 4" in bad and "on_bad_rows: error" in bad
     assert dm.stats["train"] == {"examples": 3, "truncated": 1, "no_target": 1, "rows": 2}
-    assert any("1 of 3 examples were longer than max_length=12" in m for m in messages)
-    assert any("dropped 1 of 3 examples with no target token" in m for m in messages)
+    assert any(m.startswith(f"{train}: truncated 1 of 3 rows longer than max_length=12 tokens (longest: ") and
+               "tokens; row 3; row 1 = the first data row)" in m for m in messages)
+    assert any(m.startswith(f"{train}: dropped 1 of 3 examples with no target token after truncation to "
+                            "max_length=12 (row 3;") for m in messages)
     strict = _module(tiny_llama_dir, train_file=train, val_file=train, on_bad_rows="error")
     with pytest.raises(BadDataError, match=r"train.jsonl: 2 of 5 rows with a missing or empty 'instruction' or 'output' \(rows 2, 4;"):
         strict.setup("fit")
@@ -240,3 +242,29 @@ def test_unused_alpaca_no_input_template_follows_a_custom_template(tiny_llama_di
 
 def test_chat_template_constant_is_what_the_tokenizer_carries(tok):
     assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_malformed_chat_rows_are_dropped_and_a_second_setup_reuses_the_tokenised_cache(tiny_llama_dir, tmp_path,
+                                                                                       monkeypatch):
+    import datasets
+
+    from lora_lightning.data import causal_lm
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    calls = []
+    encode = causal_lm.encode_example
+    monkeypatch.setattr(causal_lm, "encode_example", lambda *a: calls.append(1) or encode(*a))
+    chat = [{"role": "user", "content": "what is 1 plus 2 ?"}, {"role": "assistant", "content": "3"}]
+    rows = [{"messages": chat}, {"messages": [{"content": "no role"}]}, {"messages": []}, {"messages": chat}]
+    train = write_jsonl(tmp_path / "chat.jsonl", rows)
+    dm = _module(tiny_llama_dir, train_file=train, val_file=train)
+    with pytest.warns(UserWarning) as record:
+        dm.setup("fit")
+    bad = [str(w.message) for w in record if "dropped" in str(w.message)]
+    assert bad[0] == (f"{train}: dropped 2 of 4 rows with a missing or empty 'messages', or unusable (row 2: turn 0 "
+                      "has no role) (rows 2, 3; row 1 = the first data row). Set data.on_bad_rows: error to stop instead")
+    assert len(calls) == 4 and len(dm.splits["train"]) == len(dm.splits["val"]) == 2
+    again = _module(tiny_llama_dir, train_file=train, val_file=train)
+    again.setup("fit")
+    assert len(calls) == 4  # loaded from datasets' cache, not tokenised again
+    assert again.splits["train"][:] == dm.splits["train"][:]

@@ -5,9 +5,11 @@ Formats, label masking and templates: ``lora_lightning.data.formats``. Packing: 
 
 Pipeline of ``setup``: load the splits → drop bad rows (missing / empty fields, malformed chat turns;
 ``on_bad_rows: error`` stops instead; ``lora_lightning.data.rows``) → pick train / val / test (a seeded
-``val_fraction`` of train when there is no validation split) → tokenise (``max_length`` truncation, counted)
-→ drop examples with no target token left (counted) → pack (``packing: true``). What happened is printed once
-per split and kept in ``self.stats``.
+``val_fraction`` of train when there is no validation split) → tokenise (one batched ``map`` into datasets'
+Arrow cache: bounded memory, a progress bar, ``num_proc`` processes, reused by a second run with the same file,
+tokenizer and settings; ``max_length`` truncation counted in one warning naming the first rows) → drop examples
+with no target token left (counted) → pack (``packing: true``; in memory). What happened is printed once per
+split and kept in ``self.stats``.
 
 Batches (padded on the right to the longest example of the batch):
     unpacked   input_ids, attention_mask, labels
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from datasets import Dataset
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -43,7 +46,8 @@ from .formats import (
     required_columns,
 )
 from .packing import collate_packed, fill_ratio, pack_examples
-from .rows import check_policy, filter_bad_rows
+from .rows import ROW, check_policy, describe_rows, filter_bad_rows, number_rows, source_rows, warn_truncated
+from .tokenize import LENGTH, fingerprint
 
 
 def pad_right(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, Tensor]:
@@ -94,6 +98,8 @@ class CausalLMDataModule(SplitDataModule):
         max_prompt_length: the longest prompt kept for generation (its last tokens); None = ``max_length``.
         packing: pack several examples into each row of ``max_length`` tokens (``data.packing``).
         on_bad_rows: "drop" (counted warning naming the file and first rows) or "error".
+        encoding: of csv / json files, local or in a folder (other bytes are an error naming the byte and its line).
+        num_proc: processes for tokenising (datasets' ``map``); None = this process.
         train_split / val_split / test_split: split names; val_split None = "validation" if present, else a
             seeded ``val_fraction`` of train; test_split None = the validation split.
         train_size / val_size: a fixed random subset (the same for the same ``seed``).
@@ -124,6 +130,8 @@ class CausalLMDataModule(SplitDataModule):
         max_prompt_length: Optional[int] = None,
         packing: bool = False,
         on_bad_rows: str = "drop",
+        encoding: str = "utf-8",
+        num_proc: Optional[int] = None,
         train_split: str = "train",
         val_split: Optional[str] = None,
         test_split: Optional[str] = None,
@@ -155,6 +163,7 @@ class CausalLMDataModule(SplitDataModule):
         self.splits: dict[str, Any] = {}
         self.raw: dict[str, Dataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
+        self.sources: dict[str, str] = {}  # what each split is called in messages (its file ...)
         self.collate: Any = None
         self.predict_rows: Optional[Dataset] = None
         self.predict_set: Optional[Dataset] = None
@@ -174,18 +183,18 @@ class CausalLMDataModule(SplitDataModule):
             raise ValueError(f"{source} is {fmt} data but the training data is {self.format}; use one format")
         invalid = (lambda row: invalid_messages(row[self.columns.messages])) if fmt == "chat" else None
         columns = required_columns(fmt, self.columns, with_answer)
-        return filter_bad_rows(ds, columns, source, self.hparams.on_bad_rows, invalid)
+        return filter_bad_rows(number_rows(ds), columns, source, self.hparams.on_bad_rows, invalid)
 
     def _load_raw(self) -> dict[str, Dataset]:
         h = self.hparams
         if h.train_file is not None:
             files = {"train": h.train_file, "validation": h.val_file, "test": h.test_file}
             files = {k: v for k, v in files.items() if v is not None}
-            loaded = load_files(files)
+            loaded = load_files(files, h.encoding)
             sources = {k: files[k] for k in loaded}
             train, val, test = "train", ("validation" if h.val_file else None), ("test" if h.test_file else None)
         else:
-            loaded = load_any(h.dataset, h.dataset_config)
+            loaded = load_any(h.dataset, h.dataset_config, h.encoding)
             sources = {k: f"{h.dataset}[{k}]" for k in loaded}
             train, val, test = h.train_split, h.val_split, h.test_split
             for name in (train, val, test):
@@ -194,6 +203,10 @@ class CausalLMDataModule(SplitDataModule):
         wanted = {train, val or "validation", test} & set(loaded)
         cleaned = type(loaded)({k: self._clean(loaded[k], sources[k], with_answer=True) for k in wanted})
         picked = pick_splits(cleaned, train, val, test, h.val_fraction, h.seed)
+        val = val or ("validation" if "validation" in loaded else None)
+        held = f"{sources[train]} (the held-out val_fraction)"
+        self.sources = {"train": sources[train], "val": sources[val] if val else held,
+                        "test": sources[test] if test else (sources[val] if val else held)}
         picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
         if h.val_size is not None:
             same = picked["test"] is picked["val"]
@@ -205,31 +218,36 @@ class CausalLMDataModule(SplitDataModule):
     def _encode(self, ds: Dataset, split: str) -> Dataset:
         h = self.hparams
         tok, fmt, cols = self.tokenizer, self.format, self.columns
+        source = self.sources.get(split, f"data[{split}]")
+        settings = (h.prompt_template, h.prompt_template_no_input, h.train_on_prompt, h.add_eos, h.max_length)
 
-        def encode(row: dict[str, Any]) -> dict[str, Any]:
-            enc = encode_example(
-                tok, row, fmt, cols, h.prompt_template, h.prompt_template_no_input, h.train_on_prompt,
-                h.add_eos, h.max_length,
-            )
-            return {"input_ids": enc.input_ids, "labels": enc.labels, "truncated": enc.truncated,
-                    "n_targets": enc.n_targets}
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            out: dict[str, list] = {"input_ids": [], "labels": [], LENGTH: [], "n_targets": []}
+            for values in zip(*batch.values()):
+                enc = encode_example(tok, dict(zip(batch, values)), fmt, cols, *settings)
+                out["input_ids"].append(enc.input_ids)
+                out["labels"].append(enc.labels)
+                out[LENGTH].append(enc.length if enc.truncated else 0)
+                out["n_targets"].append(enc.n_targets)
+            return out
 
-        encoded = ds.map(encode, remove_columns=ds.column_names, desc=f"tokenize {split}")
-        truncated = sum(encoded["truncated"])
-        kept = encoded.filter(lambda n: n > 0, input_columns="n_targets", desc=f"drop empty {split}")
+        encoded = ds.map(
+            encode, batched=True, remove_columns=[c for c in ds.column_names if c != ROW], num_proc=h.num_proc,
+            desc=f"tokenize {split}", new_fingerprint=fingerprint(ds, tok, "causal-lm/1", fmt, cols, settings),
+        )
+        truncated = warn_truncated(encoded, LENGTH, source, h.max_length)
+        kept = encoded.filter(lambda n: [k > 0 for k in n], input_columns="n_targets", batched=True,
+                              desc=f"drop empty {split}")
         stats = {"examples": len(ds), "truncated": truncated, "no_target": len(encoded) - len(kept)}
-        kept = kept.remove_columns(["truncated", "n_targets"])
-        if truncated:
-            rank_zero_warn(
-                f"data[{split}]: {truncated} of {len(ds)} examples were longer than max_length={h.max_length} tokens "
-                "and were truncated (raise data.max_length to keep them whole)"
-            )
         if stats["no_target"]:
+            counts = encoded.with_format("arrow")["n_targets"].to_numpy()  # one int per example
+            rows = describe_rows(source_rows(encoded, np.flatnonzero(counts == 0)))
             rank_zero_warn(
-                f"data[{split}]: dropped {stats['no_target']} of {len(ds)} examples with no target token "
-                f"{'after truncation to max_length=' + str(h.max_length) if truncated else ''} "
-                "(chat rows need an assistant turn; a long prompt can leave no room for the answer)"
+                f"{source}: dropped {stats['no_target']} of {len(ds)} examples with no target token "
+                f"{'after truncation to max_length=' + str(h.max_length) + ' ' if truncated else ''}({rows}; row 1 = "
+                "the first data row; chat rows need an assistant turn; a long prompt can leave no room for the answer)"
             )
+        kept = kept.remove_columns([ROW, LENGTH, "n_targets"])
         if len(kept) == 0:
             raise ValueError(f"data[{split}]: no example has a target token left; see the warnings above")
         if h.packing:
@@ -284,13 +302,14 @@ class CausalLMDataModule(SplitDataModule):
         self._ensure_tokenizer()
         h = self.hparams
         if h.predict_file is not None:
-            ds = load_files({"predict": h.predict_file})["predict"]
-            self.predict_rows = self._clean(ds, h.predict_file, with_answer=False)
+            ds = load_files({"predict": h.predict_file}, h.encoding)["predict"]
+            rows = self._clean(ds, h.predict_file, with_answer=False)
         else:
             if h.train_file is None and h.dataset is None:
                 raise ValueError("predict needs prompts: set data.predict_file")
             self.raw = self.raw or self._load_raw()
-            self.predict_rows = self.raw["test"]
+            rows = self.raw["test"]
+        self.predict_rows = rows.remove_columns(ROW)  # the user's columns, written next to the completions
         self.predict_set = self._prompt_rows(self.predict_rows)
 
     def generation_examples(self, split: str = "val", limit: Optional[int] = None) -> list[dict[str, Any]]:

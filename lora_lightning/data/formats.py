@@ -57,6 +57,7 @@ class Encoded(NamedTuple):
     input_ids: list[int]
     labels: list[int]
     truncated: bool
+    length: int = 0  # tokens before truncation
 
     @property
     def n_targets(self) -> int:
@@ -143,8 +144,8 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
 
 def _truncate(ids: list[int], labels: list[int], max_length: int) -> Encoded:
     if len(ids) > max_length:
-        return Encoded(ids[:max_length], labels[:max_length], True)
-    return Encoded(ids, labels, False)
+        return Encoded(ids[:max_length], labels[:max_length], True, len(ids))
+    return Encoded(ids, labels, False, len(ids))
 
 
 def encode_chat(tokenizer: Any, messages: list[dict], train_on_prompt: bool, max_length: int) -> Encoded:

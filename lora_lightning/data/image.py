@@ -8,9 +8,9 @@ crop_pct = 1 (a centre crop would cut strokes off an 8×8 digit) done on whole b
 per-image PIL calls. Other datasets use timm's ``create_transform`` per image (train: timm's training
 augmentation if ``augment``; eval: resize + centre crop).
 
-Each split as loaded goes through the shared bad-row policy (rows.py: a missing image or label is dropped with one
-counted warning, or is an error); labels map to ids through the label vocabulary (labels.py: a ClassLabel's own
-names, or sorted strings), which is saved with the checkpoint and adapter files.
+Each split as loaded goes through the shared bad-row policy (rows.py: a missing image or label, or a label that is
+not a class, is dropped with one counted warning, or is an error); labels map to ids through the label vocabulary
+(labels.py: a ClassLabel's own names, or sorted strings), which is saved with the checkpoint and adapter files.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from torch.utils.data import TensorDataset
 
 from ..backbones import image_data_config
 from .common import SplitDataModule, load_any, pick_splits, seeded_subset
-from .labels import encode_labels, label_values
-from .rows import BadDataError, check_policy, filter_bad_rows
+from .labels import check_labels
+from .rows import BadDataError, check_policy, filter_bad_rows, number_rows
 
 DIGITS = "digits"
 
@@ -74,7 +74,8 @@ class ImageClassificationDataModule(SplitDataModule):
         train_size: a fixed random subset of the training split (the same for the same ``seed``).
         augment: timm's training augmentation for non-digits datasets.
         labels: the class names in id order; default: the ClassLabel's names, or the sorted string labels.
-        on_bad_rows: "drop" rows with a missing image or label (one counted warning per split) or "error".
+        on_bad_rows: "drop" rows with a missing image or label, or a label that is not a class (one counted
+            warning per split and kind), or "error".
         num_classes: checked against the labels (the CLI links model.num_classes here).
     """
 
@@ -121,43 +122,47 @@ class ImageClassificationDataModule(SplitDataModule):
         features = splits[h.train_split].features if h.train_split in splits else next(iter(splits.values())).features
         image_col = h.image_column or next((c for c, f in features.items() if isinstance(f, Image)), "image")
         label_col = h.label_column or next((c for c, f in features.items() if isinstance(f, ClassLabel)), "label")
+        if h.train_split not in splits:
+            raise ValueError(f"split {h.train_split!r} not in the dataset; available splits: {', '.join(splits)}")
         sources = {name: f"{h.dataset}[{name}]" for name in splits}
-        for name, ds in splits.items():
+        used = [name for name in splits if name in (h.train_split, h.val_split or "validation", h.test_split)]
+        for name in used:  # not the others (e.g. an unlabelled test split)
+            ds = splits[name]
             for col in (image_col, label_col):
                 if col not in ds.features:
                     raise BadDataError(f"{sources[name]}: column {col!r} not found; columns: {', '.join(ds.features)} "
                                      "(set data.image_column / data.label_column)")
-            splits[name] = filter_bad_rows(ds, [image_col, label_col], sources[name], h.on_bad_rows)
-        picked = pick_splits(splits, h.train_split, h.val_split, h.test_split, h.val_fraction, h.seed)
+            splits[name] = filter_bad_rows(number_rows(ds), [image_col, label_col], sources[name], h.on_bad_rows)
         self.label_names = self._vocabulary(splits[h.train_split], label_col, sources[h.train_split])
+        to_id = {}  # raw label value → class id (labels.py), per loaded split
+        for name in used:
+            splits[name], to_id[name] = check_labels(splits[name], label_col, self.label_names, h.num_classes,
+                                                     sources[name], h.on_bad_rows)
+        picked = pick_splits(splits, h.train_split, h.val_split, h.test_split, h.val_fraction, h.seed)
         picked["train"] = seeded_subset(picked["train"], h.train_size, h.seed)
         val = h.val_split or ("validation" if "validation" in splits else None)
-        val_source = sources[val] if val else f"{sources[h.train_split]} (the held-out val_fraction)"
-        where = {"train": sources[h.train_split], "val": val_source,
-                 "test": sources[h.test_split] if h.test_split else val_source}
-        ids = {
-            name: encode_labels(label_values(ds, label_col), self.label_names, h.num_classes, where[name])
-            for name, ds in picked.items()
-        }
+        origin = {"train": h.train_split, "val": val or h.train_split, "test": h.test_split or val or h.train_split}
         if h.dataset == DIGITS:
-            self.splits = {name: self._tensors(ds, image_col, ids[name]) for name, ds in picked.items()}
+            self.splits = {name: self._tensors(ds, image_col, label_col, to_id[origin[name]])
+                           for name, ds in picked.items()}
             self.collate = _ResizeNormalize(self.data_config)
         else:
             self.splits = {
-                name: self._transformed(ds, image_col, label_col, ids[name], train=name == "train")
+                name: self._transformed(ds, image_col, label_col, to_id[origin[name]], train=name == "train")
                 for name, ds in picked.items()
             }
 
     @staticmethod
-    def _tensors(ds: Dataset, image_col: str, ids: list[int]) -> TensorDataset:
+    def _tensors(ds: Dataset, image_col: str, label_col: str, to_id: dict) -> TensorDataset:
         x = ds.with_format("torch")[:][image_col].float()  # the whole split as one tensor
-        return TensorDataset(x.unsqueeze(1) if x.ndim == 3 else x, torch.tensor(ids, dtype=torch.long))
+        ids = torch.tensor([to_id[v] for v in ds[label_col]], dtype=torch.long)
+        return TensorDataset(x.unsqueeze(1) if x.ndim == 3 else x, ids)
 
-    def _transformed(self, ds: Dataset, image_col: str, label_col: str, ids: list[int], train: bool) -> Dataset:
+    def _transformed(self, ds: Dataset, image_col: str, label_col: str, to_id: dict, train: bool) -> Dataset:
+        """``ds`` decoded, transformed and its labels mapped through ``to_id`` lazily, per batch."""
         from timm.data import create_transform
 
         transform = create_transform(**self.data_config, is_training=train and self.hparams.augment)
-        to_id = dict(zip(ds[label_col], ids))  # raw label value → class id (labels.py), applied lazily per batch
 
         def apply(batch: dict[str, list]) -> dict[str, list]:
             return {
