@@ -374,6 +374,37 @@ def test_tensors_without_gradient_are_named_after_step_one():
         cpu_trainer(max_steps=3, callbacks=[GradientFlowCheck()]).fit(_Frozen(), _loader())
 
 
+class _Gated(LightningModule):
+    """fc2's output passes a trainable gate initialised to 0 (timm's ResNets: ``zero_init_last`` BatchNorm weights;
+    ReZero): fc2's adapter gets only zero gradients at step 1, non-zero ones once the gate has moved. With
+    ``frozen_gate`` the gate never moves and fc2's adapter never learns."""
+
+    def __init__(self, frozen_gate: bool = False) -> None:
+        super().__init__()
+        self.net = tiny_net()
+        inject_adapters(self.net, AdapterConfig(r=2), verbose=False)
+        self.gate = nn.Parameter(torch.zeros(()), requires_grad=not frozen_gate)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.relu(self.net.fc1(x))
+        h = h + self.gate * torch.relu(self.net.fc2(h))
+        return nn.functional.cross_entropy(self.net.classifier(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+def test_a_layer_behind_a_zero_initialised_gate_passes_once_the_gate_opens():
+    cpu_trainer(max_steps=3, callbacks=[GradientFlowCheck()]).fit(_Gated(), _loader())  # no error
+
+
+def test_a_layer_that_only_ever_gets_zero_gradients_is_named_at_within_steps():
+    with pytest.raises(GradientFlowError, match=r"after optimizer step 2, 1 trainable tensor\(s\) had only zero "
+                       r"gradients in all of the first 2 optimizer steps: net\.fc2\.lora_A, net\.fc2\.lora_B\."):
+        cpu_trainer(max_steps=3, callbacks=[GradientFlowCheck()]).fit(_Gated(frozen_gate=True), _loader())
+
+
 def test_lora_a_zero_at_step_one_is_expected_and_passes():
     """B = 0 at init: A's gradient is exactly 0 at step 1 and non-zero at step 2; the check accepts it."""
     grads = {}

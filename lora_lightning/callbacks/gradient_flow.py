@@ -3,16 +3,16 @@
 Checked on the gradients the optimizer is about to use (``on_before_optimizer_step``: after accumulation and
 DDP's all-reduce), in the first ``within_steps`` optimizer steps of a fit, never later:
 
-    step 1                 every trainable tensor has a gradient (``.grad`` is not None), and every adapter layer
-                           has at least one trainable tensor with a non-zero gradient (every other trainable
-                           tensor, e.g. the head, a non-zero gradient itself);
-    by step within_steps   every trainable tensor has had a non-zero gradient at least once.
+    step 1                 every trainable tensor has a gradient (``.grad`` is not None);
+    by step within_steps   every adapter layer has had a non-zero gradient in at least one of its trainable
+                           tensors, and every other trainable tensor (e.g. the head) a non-zero gradient itself.
 
-Why not "every tensor non-zero at step 1": LoRA starts at B = 0, so ∂L/∂A = s·Bᵀ·(∂L/∂W) = 0 at the first step
-(Hu et al. 2021, §4.1); A's gradient becomes non-zero at step 2, once B has moved. The rule holds for every
-method here: DoRA's magnitude and B, SDS's A and B once rebalanced (bases from QR, never zero), ALLoRA's B
-get a non-zero gradient at step 1. A learning rate of exactly 0 at step 1 (a warm-up starting from 0) keeps
-B at 0 and A's gradient at 0 longer: raise ``within_steps`` then.
+Why per layer, and why not at step 1: LoRA starts at B = 0, so ∂L/∂A = s·Bᵀ·(∂L/∂W) = 0 at the first step
+(Hu et al. 2021, §4.1), and A's gradient stays 0 until B has moved. And a layer whose output a zero-initialised
+trainable gate multiplies (timm's ResNets set the last BatchNorm weight of every residual branch to 0,
+``zero_init_last``; ReZero, adaLN-zero) gets only zero gradients at step 1, non-zero ones at step 2 once the
+gate has moved. A learning rate of exactly 0 at the first steps (a warm-up starting from 0) keeps everything
+where it was longer: raise ``within_steps`` then.
 
 What it catches: gradient checkpointing with frozen embeddings (no input requires grad, so the checkpointed
 blocks and their adapters get none: ``model.enable_input_require_grads()`` or non-reentrant checkpointing),
@@ -45,8 +45,8 @@ class GradientFlowCheck(Callback):
     (module docstring).
 
     Args:
-        within_steps: optimizer steps by which every trainable tensor must have had a non-zero gradient (≥ 2:
-            LoRA's A gets its first non-zero gradient at step 2).
+        within_steps: optimizer steps by which every adapter layer (and every other trainable tensor) must have
+            had a non-zero gradient (≥ 2: a zero-initialised gate behind a layer opens after step 1).
     """
 
     def __init__(self, within_steps: int = 2) -> None:
@@ -87,19 +87,14 @@ class GradientFlowCheck(Callback):
         nonzero = (nonzero > 0).tolist()  # the host read: only in the first within_steps steps
         for p, flag in zip(with_grad, nonzero):
             self._seen[id(p)] = self._seen.get(id(p), False) or flag
-        if step == 1:
-            units = self._units(pl_module, params)
+        if step == self.within_steps:
             dead = [
                 ", ".join(names.get(id(p), "?") for p in unit)
-                for unit in units
+                for unit in self._units(pl_module, params)
                 if not any(self._seen.get(id(p)) for p in unit)
             ]
             if dead:
-                self._fail(trainer, step, "received only zero gradients", dead)
-        if step == self.within_steps:
-            zero = [names.get(id(p), "?") for p in params if not self._seen.get(id(p))]
-            if zero:
-                self._fail(trainer, step, f"had only zero gradients in all of the first {step} optimizer steps", zero)
+                self._fail(trainer, step, f"had only zero gradients in all of the first {step} optimizer steps", dead)
 
     @staticmethod
     def _units(pl_module: LightningModule, params: list) -> list[list]:
