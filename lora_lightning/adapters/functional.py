@@ -286,11 +286,9 @@ class DoRAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, down, up, mask, magnitude, norm, scaling: float, p: float, layout: str):
         dtype = _autocast_dtype(x.device.type)
-        n_in = down.shape[1]
-        flat_mask = None if mask is None else mask.reshape(-1, n_in)
+        tensors = _flat_masks((weight, bias, down, up, mask, None, magnitude, norm))
         with torch.autocast(x.device.type, enabled=False):
-            y, y_pre = _dora_forward(x.reshape(-1, n_in), weight, bias, down, up, flat_mask,
-                                     _post_scale(magnitude, norm), scaling, p, layout, dtype)
+            y, y_pre = _proj_forward(x.reshape(-1, down.shape[1]), tensors, (scaling, p, layout), dtype)
         ctx.save_for_backward(x, weight, down, up, mask, magnitude, norm, y_pre)
         ctx.spec, ctx.dtype = (scaling, p, layout), dtype
         return y  # tokens × out (ŷ itself without a bias): ``unflatten_tokens`` outside
@@ -299,11 +297,10 @@ class DoRAFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, down, up, mask, magnitude, norm, y_pre = _saved_or_explain(ctx)
         need = ctx.needs_input_grad
-        n_in = down.shape[1]
-        tensors = (weight, None, down, up, None if mask is None else mask.reshape(-1, n_in), None, magnitude, norm)
+        tensors = _flat_masks((weight, None, down, up, mask, None, magnitude, norm))
         with torch.autocast(x.device.type, enabled=False):
             dx, d_down, d_up, d_mag = _proj_backward(
-                grad_out.reshape(-1, up.shape[0]), x.reshape(-1, n_in), tensors, ctx.spec, ctx.dtype, y_pre,
+                grad_out.reshape(-1, up.shape[0]), x.reshape(-1, down.shape[1]), tensors, ctx.spec, ctx.dtype, y_pre,
                 need[0], need[3], need[4], need[6],
             )
         if dx is not None:
